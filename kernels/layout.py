@@ -1,0 +1,107 @@
+"""The packed weight layout shared by ``spqr pack`` (writer), the runtime (loader) and the Triton kernels.
+
+Bit packing (``pack_bits``): small unsigned codes of ``bits`` width are packed ``cpw = 32 // bits`` per int32
+word along dimension 0, so a ``[K, N]`` code matrix becomes ``[ceil(K / cpw), N]`` words; code ``k`` sits in
+word ``k // cpw`` at bit offset ``(k % cpw) * bits``. Keeping N (output features) as the contiguous dimension
+makes every kernel tile load coalesced, and ``k // cpw`` with a constant divisor keeps the unpacking to a shift
+and a mask per weight. 3-bit codes thus cost 3.2 bits (10 per word, 2 bits spare) in exchange for never
+straddling a word.
+
+Per linear layer of shape ``(N, K)`` with groups of ``gs`` columns (``G = K // gs``), ``NB = ceil(N / beta2)``:
+
+=================  ==========================  =====================================================
+tensor             dtype / shape               meaning
+=================  ==========================  =====================================================
+qweight            int32 ``[ceil(K/cpw), N]``  weight codes, permuted column order, ``wbits`` each
+qscale, qzero      int32 ``[ceil(G/cps), N]``  first-level stats codes, ``stat_bits`` each (quantized stats)
+scale_stats        fp16 ``[2, G, NB]``         second-level (scale, zero) of the scale quantizer
+zero_stats         fp16 ``[2, G, NB]``         second-level (scale, zero) of the zero quantizer
+scales, zeros      fp16 ``[G, N]``             first-level stats when ``stat_bits == 16`` (GPTQ/RTN)
+perm               int32 ``[K]``               permuted column j reads input feature perm[j] (absent: identity)
+outlier_row_ptr    int32 ``[N + 1]``           CSR row pointers of the outliers
+outlier_col        int16 ``[nnz]``             original input column (read as unsigned 16-bit)
+outlier_val        fp16 ``[nnz]``              the outlier weight itself (not a residual)
+=================  ==========================  =====================================================
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+PACKED_TENSORS = (
+    "qweight", "qscale", "qzero", "scale_stats", "zero_stats", "scales", "zeros",
+    "perm", "outlier_row_ptr", "outlier_col", "outlier_val",
+)
+
+
+def codes_per_word(bits: int) -> int:
+    if not 1 <= bits <= 16:
+        raise ValueError(f"cannot pack {bits}-bit codes")
+    return 32 // bits
+
+
+def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack a ``[K, N]`` tensor of unsigned ``bits``-wide codes into int32 words along dim 0."""
+    if codes.dim() != 2:
+        raise ValueError(f"pack_bits expects a 2-D tensor, got shape {tuple(codes.shape)}")
+    cpw = codes_per_word(bits)
+    k, n = codes.shape
+    c = codes.to(torch.int64)
+    if c.numel() and (int(c.min()) < 0 or int(c.max()) >= (1 << bits)):
+        raise ValueError(f"codes out of range for {bits} bits")
+    words = -(-k // cpw)
+    padded = torch.zeros(words * cpw, n, dtype=torch.int64, device=codes.device)
+    padded[:k] = c
+    shifts = (torch.arange(cpw, device=codes.device, dtype=torch.int64) * bits).view(1, cpw, 1)
+    packed = (padded.view(words, cpw, n) << shifts).sum(dim=1)
+    # int64 -> int32 with wrap-around (bit 31 becomes the sign bit)
+    packed = torch.where(packed >= 2**31, packed - 2**32, packed)
+    return packed.to(torch.int32)
+
+
+def unpack_bits(packed: torch.Tensor, bits: int, rows: int) -> torch.Tensor:
+    """Inverse of ``pack_bits``: int32 ``[ceil(rows/cpw), N]`` -> uint8/int32 codes ``[rows, N]`` (int64)."""
+    cpw = codes_per_word(bits)
+    w = packed.to(torch.int64) & 0xFFFFFFFF
+    shifts = (torch.arange(cpw, device=packed.device, dtype=torch.int64) * bits).view(1, cpw, 1)
+    codes = (w.unsqueeze(1) >> shifts) & ((1 << bits) - 1)
+    return codes.reshape(-1, packed.shape[1])[:rows]
+
+
+@dataclass
+class PackedWeight:
+    """One layer's packed buffers plus its shape metadata (see the module docstring for the layout)."""
+
+    out_features: int
+    in_features: int
+    wbits: int
+    groupsize: int
+    beta2: int
+    stat_bits: int
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def num_groups(self) -> int:
+        return self.in_features // self.groupsize
+
+    @property
+    def nnz(self) -> int:
+        v = self.tensors.get("outlier_val")
+        return 0 if v is None else int(v.numel())
+
+    def get(self, name: str) -> torch.Tensor | None:
+        return self.tensors.get(name)
+
+    def meta(self) -> dict[str, int]:
+        return {
+            "out_features": self.out_features, "in_features": self.in_features, "wbits": self.wbits,
+            "groupsize": self.groupsize, "beta2": self.beta2, "stat_bits": self.stat_bits,
+        }
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors.values())
+
+    def to(self, device: torch.device | str) -> PackedWeight:
+        return PackedWeight(**self.meta(), tensors={k: v.to(device) for k, v in self.tensors.items()})

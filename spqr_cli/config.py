@@ -1,0 +1,134 @@
+"""The method's parameters: one dataclass, presets loaded from ``configs/*.yaml``.
+
+Every artifact (quantization records, packed checkpoints) stores ``QuantConfig.to_dict()`` so a result can be
+traced back to the exact parameters that produced it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+METHODS = ("spqr", "gptq", "rtn")
+PERMS = ("act_order", "identity")
+
+
+class ConfigError(ValueError):
+    """A user-facing configuration problem (bad flag, unknown preset)."""
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """Parameters of SpQR and of its special cases GPTQ and RTN.
+
+    ``groupsize`` is β1 (columns sharing first-level statistics; 0 means one group per row, i.e. per-channel).
+    ``beta2`` is the number of rows whose first-level statistics share one second-level (fp16) scale/zero.
+    ``stat_bits`` is the width of the quantized first-level scale and zero; 16 keeps them in fp16 (GPTQ/RTN).
+    ``outlier_threshold`` is τ, relative to the group's baseline error; ``inf`` disables outliers.
+    """
+
+    method: str = "spqr"
+    wbits: int = 3
+    groupsize: int = 16
+    beta2: int = 16
+    stat_bits: int = 3
+    outlier_threshold: float = 0.2
+    perm: str = "act_order"
+    percdamp: float = 1.0
+    blocksize: int = 128
+    sym: bool = False
+    extra: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ConfigError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if not 2 <= self.wbits <= 8:
+            raise ConfigError(f"--wbits {self.wbits} is not supported; use 2..8 (3 or 4 are the usual choices)")
+        if self.groupsize < 0 or (self.groupsize and self.groupsize % 8 and self.groupsize not in (1, 2, 4)):
+            raise ConfigError(f"--groupsize {self.groupsize} must be 0 (per-channel) or a multiple of 8")
+        if self.stat_bits != 16 and not 2 <= self.stat_bits <= 8:
+            raise ConfigError(f"--stat-bits {self.stat_bits} must be 2..8, or 16 for fp16 statistics")
+        if self.stat_bits != 16 and self.beta2 < 1:
+            raise ConfigError("--beta2 must be >= 1 when statistics are quantized")
+        if self.perm not in PERMS:
+            raise ConfigError(f"unknown permutation {self.perm!r}; choose one of {', '.join(PERMS)}")
+        if not self.percdamp > 0:
+            raise ConfigError("--percdamp must be > 0")
+        if self.blocksize < 1:
+            raise ConfigError("--blocksize must be >= 1")
+        if self.outlier_threshold <= 0:
+            raise ConfigError("--outlier-threshold must be > 0 (use inf to disable outliers)")
+
+    @property
+    def has_outliers(self) -> bool:
+        return self.method == "spqr" and math.isfinite(self.outlier_threshold)
+
+    def group_size_for(self, in_features: int) -> int:
+        """Columns per group for a layer with ``in_features`` inputs (per-channel when groupsize is 0)."""
+        return in_features if self.groupsize == 0 else self.groupsize
+
+    def formula_bits(self, in_features: int, out_features: int, outlier_fraction: float = 0.0) -> float:
+        """Average bits per parameter from the formula in DESIGN.md (codes + stats + outliers + permutation)."""
+        gs = self.group_size_for(in_features)
+        if self.stat_bits == 16:
+            stats = 32.0 / gs
+        else:
+            stats = 2 * self.stat_bits / gs + 2 * 2 * 16 / (gs * self.beta2)
+        perm = 32.0 / out_features if self.perm == "act_order" and self.method != "rtn" else 0.0
+        return self.wbits + stats + 32.0 * outlier_fraction + perm
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        if not math.isfinite(d["outlier_threshold"]):
+            d["outlier_threshold"] = "inf"
+        if not d["extra"]:
+            d.pop("extra")
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> QuantConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ConfigError(f"unknown config keys: {', '.join(sorted(unknown))}")
+        d = dict(d)
+        if "outlier_threshold" in d:
+            d["outlier_threshold"] = float(d["outlier_threshold"])
+        return cls(**d)
+
+    def replace(self, **changes: Any) -> QuantConfig:
+        return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+
+def list_presets() -> list[str]:
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+
+
+def load_preset(name_or_path: str) -> QuantConfig:
+    """Load a preset by name (``spqr-3.9bit``) or from a YAML file path."""
+    path = Path(name_or_path)
+    if not path.suffix:
+        path = CONFIG_DIR / f"{name_or_path}.yaml"
+    if not path.is_file():
+        raise ConfigError(f"preset {name_or_path!r} not found; available: {', '.join(list_presets())}")
+    data = yaml.safe_load(path.read_text()) or {}
+    data.pop("description", None)
+    return QuantConfig.from_dict(data)
+
+
+def default_for_method(method: str, wbits: int | None = None) -> QuantConfig:
+    """Sensible defaults per method so that ``--method gptq --wbits 4`` needs no other flag."""
+    if method == "spqr":
+        cfg = QuantConfig()
+    elif method in ("gptq", "rtn"):
+        cfg = QuantConfig(method=method, wbits=4, groupsize=128, stat_bits=16, beta2=0,
+                          outlier_threshold=math.inf, perm="identity")
+    else:
+        raise ConfigError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    return cfg.replace(wbits=wbits)

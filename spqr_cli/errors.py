@@ -1,0 +1,5 @@
+"""User-facing errors: the CLI prints their message on one line and exits non-zero, without a traceback."""
+
+
+class SpQRError(Exception):
+    """A problem the user can fix (bad input, missing file, unsupported model). The message says how."""
