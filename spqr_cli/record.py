@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
+from spqr_kernels.layout import PackedWeight, pack_bits, unpack_bits
+
 RECORD_FIELDS = (
     "codes", "scale", "zero", "scale_codes", "zero_codes", "scale_stats", "zero_stats",
     "perm", "outlier_row_ptr", "outlier_col", "outlier_val",
@@ -129,6 +131,49 @@ class QuantizedLayer:
             "out_features": self.out_features, "in_features": self.in_features, "wbits": self.wbits,
             "groupsize": self.groupsize, "beta2": self.beta2, "stat_bits": self.stat_bits,
         }
+
+    def pack(self) -> PackedWeight:
+        """Bit-pack this record into the kernel layout of ``spqr_kernels.layout`` (lossless)."""
+        t: dict[str, torch.Tensor] = {
+            "qweight": pack_bits(self.codes.t(), self.wbits),
+            "outlier_row_ptr": self.outlier_row_ptr.to(torch.int32),
+            "outlier_col": self.outlier_col.to(torch.int32).to(torch.int16),  # wraps above 32767: read unsigned
+            "outlier_val": self.outlier_val.to(torch.float16),
+        }
+        if self.perm is not None:
+            t["perm"] = self.perm.to(torch.int32)
+        if self.stat_bits == 16:
+            t["scales"] = self.scale.t().contiguous().to(torch.float16)
+            t["zeros"] = self.zero.t().contiguous().to(torch.float16)
+        else:
+            t["qscale"] = pack_bits(self.scale_codes.t(), self.stat_bits)
+            t["qzero"] = pack_bits(self.zero_codes.t(), self.stat_bits)
+            t["scale_stats"] = self.scale_stats.permute(2, 1, 0).contiguous().to(torch.float16)
+            t["zero_stats"] = self.zero_stats.permute(2, 1, 0).contiguous().to(torch.float16)
+        return PackedWeight(**self.meta(), tensors={k: v.contiguous().cpu() for k, v in t.items()})
+
+    @classmethod
+    def from_packed(cls, pw: PackedWeight) -> QuantizedLayer:
+        """Inverse of ``pack``: exact reconstruction of the record from the packed buffers."""
+        t = {k: v.cpu() for k, v in pw.tensors.items()}
+        k = pw.in_features
+        fields: dict[str, torch.Tensor | None] = {
+            "codes": unpack_bits(t["qweight"], pw.wbits, k).t().contiguous().to(torch.uint8),
+            "outlier_row_ptr": t["outlier_row_ptr"].to(torch.int32),
+            "outlier_col": (t["outlier_col"].to(torch.int32) & 0xFFFF),
+            "outlier_val": t["outlier_val"],
+            "perm": t["perm"].to(torch.int64) if "perm" in t else None,
+        }
+        if pw.stat_bits == 16:
+            fields["scale"] = t["scales"].t().contiguous()
+            fields["zero"] = t["zeros"].t().contiguous()
+        else:
+            g = k // pw.groupsize
+            fields["scale_codes"] = unpack_bits(t["qscale"], pw.stat_bits, g).t().contiguous().to(torch.uint8)
+            fields["zero_codes"] = unpack_bits(t["qzero"], pw.stat_bits, g).t().contiguous().to(torch.uint8)
+            fields["scale_stats"] = t["scale_stats"].permute(2, 1, 0).contiguous()
+            fields["zero_stats"] = t["zero_stats"].permute(2, 1, 0).contiguous()
+        return cls(**pw.meta(), **fields)
 
     @classmethod
     def from_tensors(cls, meta: dict[str, int], tensors: dict[str, torch.Tensor], prefix: str = "") -> QuantizedLayer:
