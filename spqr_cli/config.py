@@ -113,7 +113,7 @@ def list_presets() -> list[str]:
 def load_preset(name_or_path: str) -> QuantConfig:
     """Load a preset by name (``spqr-3.9bit``) or from a YAML file path."""
     path = Path(name_or_path)
-    if not path.suffix:
+    if path.suffix not in (".yaml", ".yml"):  # a preset name such as "spqr-3.9bit" (its ".9bit" is no suffix)
         path = CONFIG_DIR / f"{name_or_path}.yaml"
     if not path.is_file():
         raise ConfigError(f"preset {name_or_path!r} not found; available: {', '.join(list_presets())}")

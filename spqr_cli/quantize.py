@@ -1,0 +1,364 @@
+"""The block-by-block driver: calibration activations, Hessians, per-layer SpQR, checkpoints, resume, report.
+
+The model stays on the host; one decoder block at a time moves to the compute device, so accelerator memory
+is bounded by one block plus its activations, whatever the depth. Inside a block, linear sub-layers are
+quantized group by group in the adapter's "true sequential" order: each group's Hessian is collected from
+inputs produced by the already-quantized groups before it. The outputs of the quantized block feed the next.
+
+Resume: every finished block's records are committed atomically to ``records/block_XXXX.safetensors`` and the
+progress counter in ``quant_config.json`` is updated after it. A restarted run replays the calibration set
+through the committed (dequantized) prefix, which reproduces the exact activations of an uninterrupted run, so
+the results are bit-identical without storing activations on disk.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from spqr_cli.config import QuantConfig
+from spqr_cli.errors import SpQRError
+from spqr_cli.models import FamilyAdapter, adapter_for, load_model, load_tokenizer, resolve_device
+from spqr_cli.record import QuantizedLayer, load_records, save_records
+
+FORMAT = "spqr-quant"
+VERSION = 1
+
+
+@dataclass
+class LayerReport:
+    """What one linear layer's quantization cost and achieved."""
+
+    name: str
+    shape: tuple[int, int]
+    rel_error: float
+    outlier_pct: float
+    bits: float
+    seconds: float
+
+
+@dataclass
+class QuantReport:
+    """The whole run: per-layer rows plus totals; saved as ``report.json``."""
+
+    layers: list[LayerReport] = field(default_factory=list)
+    wall_seconds: float = 0.0
+    peak_device_mb: float = 0.0
+    peak_host_mb: float = 0.0
+    device: str = "cpu"
+    resumed_from_block: int = 0
+
+    @property
+    def avg_bits(self) -> float:
+        params = sum(r.shape[0] * r.shape[1] for r in self.layers)
+        return sum(r.bits * r.shape[0] * r.shape[1] for r in self.layers) / max(params, 1)
+
+    @property
+    def outlier_pct(self) -> float:
+        params = sum(r.shape[0] * r.shape[1] for r in self.layers)
+        return sum(r.outlier_pct * r.shape[0] * r.shape[1] for r in self.layers) / max(params, 1)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "avg_bits": self.avg_bits,
+            "outlier_pct": self.outlier_pct,
+            "wall_seconds": self.wall_seconds,
+            "peak_device_mb": self.peak_device_mb,
+            "peak_host_mb": self.peak_host_mb,
+            "device": self.device,
+            "resumed_from_block": self.resumed_from_block,
+            "layers": [
+                {"name": r.name, "shape": list(r.shape), "rel_error": r.rel_error, "outlier_pct": r.outlier_pct,
+                 "bits": r.bits, "seconds": r.seconds}
+                for r in self.layers
+            ],
+        }
+
+
+def calibration_fingerprint(input_ids: torch.Tensor) -> str:
+    """sha256 of the calibration token ids: a changed calibration set must not resume an old run."""
+    return hashlib.sha256(input_ids.to(torch.int64).contiguous().numpy().tobytes()).hexdigest()
+
+
+def _write_json(path: Path, data: Any) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, path)
+
+
+def _prepare_out_dir(out_dir: Path, state: dict[str, Any], restart: bool) -> int:
+    """Create or validate the output directory; return the number of blocks already committed."""
+    state_path = out_dir / "quant_config.json"
+    if out_dir.exists() and any(out_dir.iterdir()):
+        if not state_path.is_file():
+            raise SpQRError(f"output directory {out_dir} is not empty and holds no spqr run; "
+                            "choose a new --out directory")
+        old = json.loads(state_path.read_text())
+        if old.get("format") != FORMAT:
+            raise SpQRError(f"{state_path} is not an spqr quantization state; choose a new --out directory")
+        if restart:
+            shutil.rmtree(out_dir)
+        else:
+            for key in ("model", "config", "calibration"):
+                if old.get(key) != state[key]:
+                    raise SpQRError(
+                        f"{out_dir} holds a run with a different {key}; pass --restart to discard it "
+                        "or choose a new --out directory"
+                    )
+            return int(old.get("completed_blocks", 0))
+    (out_dir / "records").mkdir(parents=True, exist_ok=True)
+    _write_json(state_path, {**state, "completed_blocks": 0, "complete": False})
+    return 0
+
+
+class _StopForward(Exception):
+    """Raised by the catcher after block 0's inputs are recorded (no need to run the rest of the model)."""
+
+
+@torch.no_grad()
+def _block_inputs(model: nn.Module, adapter: FamilyAdapter, input_ids: torch.Tensor, device: torch.device,
+                  dtype: torch.dtype) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Inputs of block 0 for every calibration sample (host memory) and the block's extra kwargs."""
+    blocks = adapter.get_blocks(model)
+    first = blocks[0]
+    captured: list[torch.Tensor] = []
+    kwargs_holder: dict[str, Any] = {}
+
+    class Catcher(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.attention_type = getattr(first, "attention_type", "full_attention")
+
+        def forward(self, hidden: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+            captured.append(hidden.to("cpu"))
+            if not kwargs_holder:
+                kwargs_holder.update(kwargs)
+            raise _StopForward
+
+    pre = adapter.pre_modules(model)
+    for m in pre:
+        m.to(device=device, dtype=dtype)
+    blocks[0] = Catcher()
+    try:
+        for i in range(input_ids.shape[0]):
+            try:
+                model(input_ids[i : i + 1].to(device), use_cache=False)
+            except _StopForward:
+                pass
+    finally:
+        blocks[0] = first
+        for m in pre:
+            m.to("cpu")
+    kwargs = {k: v for k, v in kwargs_holder.items() if k not in ("cache", "past_key_values", "use_cache")}
+    return torch.cat(captured), kwargs
+
+
+def _to_device(obj: Any, device: torch.device) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, tuple):
+        return tuple(_to_device(o, device) for o in obj)
+    return obj
+
+
+@torch.no_grad()
+def _run_block(block: nn.Module, inps: torch.Tensor, kwargs: dict[str, Any], device: torch.device,
+               dtype: torch.dtype, batch: int) -> torch.Tensor:
+    """Forward every calibration sample through one block; outputs stay in host memory."""
+    outs = []
+    for i in range(0, inps.shape[0], batch):
+        out = block(inps[i : i + batch].to(device=device, dtype=dtype), **kwargs)
+        out = out[0] if isinstance(out, tuple) else out
+        outs.append(out.to("cpu", dtype=inps.dtype))
+    return torch.cat(outs)
+
+
+@contextmanager
+def _hessian_hooks(layers: dict[str, nn.Linear], device: torch.device) -> Iterator[dict[str, Any]]:
+    from spqr_cli.spqr import HessianAccumulator
+
+    accs = {name: HessianAccumulator(lin.in_features, device=device) for name, lin in layers.items()}
+    handles = [
+        lin.register_forward_hook(lambda _m, args, _out, acc=accs[name]: acc.add_batch(args[0]))
+        for name, lin in layers.items()
+    ]
+    try:
+        yield accs
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _relative_error(w: torch.Tensor, q: torch.Tensor, h: torch.Tensor) -> float:
+    """||(W - Q) X|| / ||W X|| over the calibration inputs, computed from H = 2/n X X^T (no activations kept)."""
+    d = (w - q).float()
+    num = torch.einsum("ij,jk,ik->", d, h, d)
+    den = torch.einsum("ij,jk,ik->", w.float(), h, w.float())
+    return float((num / den.clamp_min(1e-30)).clamp_min(0).sqrt())
+
+
+def _peak_host_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+ProgressFn = Callable[[str, int, int, str], None]
+
+
+def quantize_model(
+    model_path: str,
+    cfg: QuantConfig,
+    out_dir: str | Path,
+    calib_ids: torch.Tensor,
+    calib_manifest: dict[str, Any] | None = None,
+    device: str = "auto",
+    restart: bool = False,
+    forward_batch: int = 8,
+    progress: ProgressFn | None = None,
+) -> QuantReport:
+    """Quantize every linear layer of every decoder block of ``model_path`` into ``out_dir``.
+
+    ``calib_ids`` is an int64 ``[nsamples, seqlen]`` tensor of calibration tokens (``spqr calibrate`` output or
+    built on the fly). ``progress(stage, done, total, detail)`` is called as work advances (the CLI draws a
+    rich progress bar with it). Returns the report that is also written to ``out_dir/report.json``.
+    """
+    t0 = time.perf_counter()
+    out = Path(out_dir)
+    dev = resolve_device(device)
+    compute_dtype = torch.float16 if dev.type == "cuda" else torch.float32
+    if calib_ids.dim() != 2 or calib_ids.dtype not in (torch.int64, torch.int32):
+        raise SpQRError("calibration ids must be an integer [nsamples, seqlen] tensor; use `spqr calibrate`")
+    calib_ids = calib_ids.to(torch.int64)
+
+    tokenizer = load_tokenizer(model_path)
+    model = load_model(model_path, dtype="fp16", device="cpu")
+    adapter = adapter_for(model)
+    if int(calib_ids.max()) >= model.config.vocab_size:
+        raise SpQRError("the calibration set holds token ids outside this model's vocabulary: it was made for "
+                        "another tokenizer; rebuild it with `spqr calibrate` for this model")
+    blocks = adapter.get_blocks(model)
+    state = {
+        "format": FORMAT,
+        "version": VERSION,
+        "model": str(model_path),
+        "family": adapter.name,
+        "config": cfg.to_dict(),
+        "calibration": {"sha256": calibration_fingerprint(calib_ids), "nsamples": calib_ids.shape[0],
+                        "seqlen": calib_ids.shape[1], **(calib_manifest or {})},
+        "num_blocks": len(blocks),
+        "layers": [f"{adapter.blocks}.{i}.{name}" for i in range(len(blocks)) for name in adapter.linear_names()],
+    }
+    start_block = _prepare_out_dir(out, state, restart)
+    report = QuantReport(device=str(dev), resumed_from_block=start_block)
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    notify = progress or (lambda *a: None)
+
+    inps, kwargs = _block_inputs(model, adapter, calib_ids, dev, compute_dtype)
+    kwargs = _to_device(kwargs, dev)
+    for i, block in enumerate(blocks):
+        prefix = f"{adapter.blocks}.{i}"
+        record_path = out / "records" / f"block_{i:04d}.safetensors"
+        block.to(device=dev, dtype=compute_dtype)
+        if i < start_block:
+            notify("replay", i + 1, len(blocks), f"block {i} (resumed)")
+            records = load_records(str(record_path))
+            rows = json.loads(record_path.with_suffix(".json").read_text())
+            report.layers.extend(LayerReport(**{**r, "shape": tuple(r["shape"])}) for r in rows)
+            for name, rec in records.items():
+                lin = block.get_submodule(name[len(prefix) + 1 :])
+                lin.weight.data = rec.dequantize().to(dev, compute_dtype)
+        else:
+            records = _quantize_block(block, prefix, adapter, inps, kwargs, cfg, dev, compute_dtype,
+                                      forward_batch, report, lambda d, _i=i: notify("quantize", _i, len(blocks), d))
+            rows = report.to_dict()["layers"][-len(records):]
+            _write_json(record_path.with_suffix(".json"), rows)
+            save_records(str(record_path), records)
+            _write_json(out / "quant_config.json", {**state, "completed_blocks": i + 1, "complete": False})
+            notify("quantize", i + 1, len(blocks), f"block {i} done")
+        inps = _run_block(block, inps, kwargs, dev, compute_dtype, forward_batch)
+        block.to(device="cpu", dtype=torch.float16)
+        for name in adapter.linear_names():
+            lin = block.get_submodule(name)
+            lin.weight.data = records[f"{prefix}.{name}"].dequantize()
+
+    _save_dense(model, tokenizer, out / "dense")
+    report.wall_seconds = time.perf_counter() - t0
+    report.peak_host_mb = _peak_host_mb()
+    if dev.type == "cuda":
+        report.peak_device_mb = torch.cuda.max_memory_allocated(dev) / 2**20
+    _write_json(out / "report.json", {"config": cfg.to_dict(), **report.to_dict()})
+    _write_json(out / "quant_config.json", {**state, "completed_blocks": len(blocks), "complete": True})
+    return report
+
+
+def _quantize_block(block: nn.Module, prefix: str, adapter: FamilyAdapter, inps: torch.Tensor,
+                    kwargs: dict[str, Any], cfg: QuantConfig, dev: torch.device, dtype: torch.dtype,
+                    batch: int, report: QuantReport, notify: Callable[[str], None]) -> dict[str, QuantizedLayer]:
+    """Quantize one block's linears group by group (true sequential); weights are replaced in place."""
+    from spqr_cli.spqr import quantize_layer
+
+    records: dict[str, QuantizedLayer] = {}
+    for group in adapter.sequential:
+        layers = {name: block.get_submodule(name) for name in group}
+        if cfg.method == "rtn":
+            hessians = {name: None for name in group}
+        else:
+            with _hessian_hooks(layers, dev) as accs:
+                _run_block(block, inps, kwargs, dev, dtype, batch)
+            hessians = {name: accs[name].hessian for name in group}
+        for name, lin in layers.items():
+            notify(name)
+            t = time.perf_counter()
+            w = lin.weight.data
+            rec = quantize_layer(w, hessians[name], cfg)
+            q = rec.dequantize().to(dev)
+            h = hessians[name]
+            err = _relative_error(w, q, h) if h is not None else float(
+                (w.float() - q.float()).norm() / w.float().norm().clamp_min(1e-30))
+            lin.weight.data = q.to(dtype)
+            records[f"{prefix}.{name}"] = rec
+            report.layers.append(LayerReport(
+                name=f"{prefix}.{name}", shape=(rec.out_features, rec.in_features), rel_error=err,
+                outlier_pct=100.0 * rec.outlier_fraction, bits=rec.formula_bits(), seconds=time.perf_counter() - t,
+            ))
+    return records
+
+
+def _save_dense(model: nn.Module, tokenizer: Any, path: Path) -> None:
+    """The dequantized fp16 model as a plain HF checkpoint, written to a temp dir then renamed."""
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.to(torch.float16).save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    shutil.rmtree(path, ignore_errors=True)
+    os.replace(tmp, path)
+
+
+def iter_records(quant_dir: str | Path) -> Iterator[tuple[str, QuantizedLayer]]:
+    """All layer records of a finished run, in quantization order."""
+    qd = Path(quant_dir)
+    state_path = qd / "quant_config.json"
+    if not state_path.is_file():
+        raise SpQRError(f"{qd} is not an spqr quantization directory (no quant_config.json); run `spqr quantize`")
+    state = json.loads(state_path.read_text())
+    if not state.get("complete"):
+        raise SpQRError(f"quantization in {qd} is not finished ({state.get('completed_blocks', 0)}/"
+                        f"{state.get('num_blocks')} blocks); re-run the same `spqr quantize` command to resume")
+    for i in range(state["num_blocks"]):
+        records = load_records(str(qd / "records" / f"block_{i:04d}.safetensors"))
+        for name in state["layers"]:
+            if name in records:
+                yield name, records[name]

@@ -1,0 +1,152 @@
+"""Loading a packed checkpoint: SpQRLinear's torch path and load_packed against the dense dequantized model."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import spqr_cli.runtime as runtime
+from spqr_cli.config import QuantConfig
+from spqr_cli.errors import SpQRError
+from spqr_cli.pack import CONFIG_NAME, file_sha256, inspect_packed, model_fingerprint, pack_model
+from spqr_cli.runtime import SpQRLinear, load_packed
+from spqr_cli.testing import random_record
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from test_pack import _rewrite_config, build_quant_dir, tiny_llama  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def dirs(tmp_path_factory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("rt")
+    q = build_quant_dir(root / "quant", tiny_llama(seed=3), QuantConfig())
+    pack_model(q, root / "packed")
+    return q, root / "packed"
+
+
+def _tokens() -> torch.Tensor:
+    return torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(0))
+
+
+def test_spqr_linear_matches_dequantized_matmul() -> None:
+    rec = random_record(48, 64, outlier_fraction=0.03, seed=5)
+    bias = torch.randn(48).half()
+    layer = SpQRLinear(rec.pack(), bias)
+    x = torch.randn(3, 5, 64)
+    ref = F.linear(x, rec.dequantize().float(), bias.float())
+    assert torch.equal(layer(x), ref)
+    # fp16 activations on CPU: fp32 compute, one rounding
+    x16 = x.half()
+    assert torch.equal(layer(x16), F.linear(x16.float(), rec.dequantize().float(), bias.float()).half())
+    # a dtype cast of the module must not change the packed layout the kernels read
+    layer.float()
+    assert layer.packed.get("outlier_val").dtype == torch.float16
+    assert torch.equal(layer(x), ref)
+
+
+def test_spqr_linear_holds_only_packed_bytes() -> None:
+    rec = random_record(256, 512, outlier_fraction=0.0)
+    pw = rec.pack()
+    layer = SpQRLinear(pw)
+    held = sum(b.numel() * b.element_size() for b in layer.buffers())
+    # qweight 52 words x 256 (512 codes, 10 per word) + qscale/qzero 4 words x 256 each (32 stat codes) +
+    # two [2, 32, 16] fp16 second-level stats + perm int32[512] + row pointers int32[257] (no outliers)
+    assert held == pw.nbytes() == 4 * 52 * 256 + 2 * 4 * 4 * 256 + 2 * 2 * 2 * 32 * 16 + 4 * 512 + 4 * 257
+    assert not list(layer.parameters())
+
+
+def test_load_packed_matches_dense_forward(dirs) -> None:
+    from transformers import AutoModelForCausalLM
+
+    q, p = dirs
+    dense = AutoModelForCausalLM.from_pretrained(q / "dense", dtype=torch.float32).eval()
+    model = load_packed(p, dtype=torch.float32)
+    spqr = [m for m in model.modules() if isinstance(m, SpQRLinear)]
+    assert len(spqr) == 14 and not model.training
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    ids = _tokens()
+    with torch.no_grad():
+        ref = dense(ids).logits
+        got = model(ids).logits
+    torch.testing.assert_close(got, ref, rtol=0, atol=1e-5)
+
+
+def test_load_packed_fp16_on_cpu(dirs) -> None:
+    from transformers import AutoModelForCausalLM
+
+    q, p = dirs
+    dense = AutoModelForCausalLM.from_pretrained(q / "dense", dtype=torch.float16).eval()
+    model = load_packed(p)  # fp16 default
+    assert model.model.embed_tokens.weight.dtype == torch.float16
+    ids = _tokens()
+    with torch.no_grad():
+        ref = dense(ids).logits.float()
+        got = model(ids).logits.float()
+    torch.testing.assert_close(got, ref, rtol=0, atol=2e-2)
+
+
+def test_loaded_model_memory_is_packed_size(dirs) -> None:
+    _, p = dirs
+    model = load_packed(p)
+    held = {t.data_ptr(): t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()]}
+    totals = inspect_packed(p, verify=False)["totals"]
+    rotary = sum(b.numel() * b.element_size() for n, b in model.named_buffers() if "rotary" in n)
+    assert sum(held.values()) - rotary == totals["quantized_bytes"] + totals["dense_bytes"]
+
+
+def test_generate_runs(dirs) -> None:
+    _, p = dirs
+    model = load_packed(p, dtype=torch.float32)
+    out = model.generate(_tokens()[:1, :4], max_new_tokens=3, do_sample=False)
+    assert out.shape == (1, 7)
+
+
+def test_load_packed_rejects_damage(dirs, tmp_path: Path) -> None:
+    _, p = dirs
+    d = tmp_path / "d"
+    shutil.copytree(p, d)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["intermediate_size"] = 96
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(SpQRError, match="intermediate_size"):
+        load_packed(d)
+    # even with a consistent fingerprint, the layers must fit the model that config.json builds
+    _rewrite_config(d, lambda c: c.update(model_fingerprint=model_fingerprint(cfg),
+                                          config_json_sha256=file_sha256(d / "config.json")))
+    with pytest.raises(SpQRError, match="shape mismatch"):
+        load_packed(d)
+    shutil.rmtree(d)
+    shutil.copytree(p, d)
+    _rewrite_config(d, lambda c: c.update(format_version=99))
+    with pytest.raises(SpQRError, match="version 99"):
+        load_packed(d)
+    assert json.loads((p / CONFIG_NAME).read_text())["format_version"] == 1
+
+
+def test_kernel_import_failure_falls_back_once(monkeypatch) -> None:
+    monkeypatch.setitem(sys.modules, "spqr_kernels.ops", None)  # makes the import raise ImportError
+    monkeypatch.setattr(runtime, "_kernel_warned", False)
+    pw = random_record(16, 32).pack()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert runtime._kernel_linear(torch.zeros(1, 32), pw, None) is None
+        assert runtime._kernel_linear(torch.zeros(1, 32), pw, None) is None
+    assert len(caught) == 1 and "torch path" in str(caught[0].message)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_load_packed_cuda_matches_cpu(dirs) -> None:
+    _, p = dirs
+    ids = _tokens()
+    with torch.no_grad():
+        ref = load_packed(p, dtype=torch.float32)(ids).logits
+        got = load_packed(p, device="cuda")(ids.cuda()).logits.float().cpu()
+    torch.testing.assert_close(got, ref, rtol=0, atol=5e-2)
