@@ -19,7 +19,6 @@ import os
 import shutil
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -184,20 +183,35 @@ def _run_block(block: nn.Module, inps: torch.Tensor, kwargs: dict[str, Any], dev
     return torch.cat(outs)
 
 
-@contextmanager
-def _hessian_hooks(layers: dict[str, nn.Linear], device: torch.device) -> Iterator[dict[str, Any]]:
+@torch.no_grad()
+def _collect_hessians(block: nn.Module, layers: dict[str, nn.Linear], inps: torch.Tensor, kwargs: dict[str, Any],
+                      device: torch.device, dtype: torch.dtype, batch: int) -> dict[str, torch.Tensor]:
+    """H = 2/n X X^T of each layer's inputs; the block's forward stops as soon as every layer has been fed."""
     from spqr_cli.spqr import HessianAccumulator
 
     accs = {name: HessianAccumulator(lin.in_features, device=device) for name, lin in layers.items()}
-    handles = [
-        lin.register_forward_hook(lambda _m, args, _out, acc=accs[name]: acc.add_batch(args[0]))
-        for name, lin in layers.items()
-    ]
+    seen: set[str] = set()
+
+    def hook(name: str) -> Callable[..., None]:
+        def fn(_m: nn.Module, args: tuple[torch.Tensor, ...], _out: torch.Tensor) -> None:
+            accs[name].add_batch(args[0])
+            seen.add(name)
+            if len(seen) == len(layers):  # the rest of the block is not needed for these Hessians
+                seen.clear()
+                raise _StopForward
+        return fn
+
+    handles = [lin.register_forward_hook(hook(name)) for name, lin in layers.items()]
     try:
-        yield accs
+        for i in range(0, inps.shape[0], batch):
+            try:
+                block(inps[i : i + batch].to(device=device, dtype=dtype), **kwargs)
+            except _StopForward:
+                pass
     finally:
         for h in handles:
             h.remove()
+    return {name: acc.hessian for name, acc in accs.items()}
 
 
 def _relative_error(w: torch.Tensor, q: torch.Tensor, h: torch.Tensor) -> float:
@@ -316,9 +330,7 @@ def _quantize_block(block: nn.Module, prefix: str, adapter: FamilyAdapter, inps:
         if cfg.method == "rtn":
             hessians = {name: None for name in group}
         else:
-            with _hessian_hooks(layers, dev) as accs:
-                _run_block(block, inps, kwargs, dev, dtype, batch)
-            hessians = {name: accs[name].hessian for name in group}
+            hessians = _collect_hessians(block, layers, inps, kwargs, dev, dtype, batch)
         for name, lin in layers.items():
             notify(name)
             t = time.perf_counter()

@@ -134,6 +134,8 @@ class QuantizedLayer:
 
     def pack(self) -> PackedWeight:
         """Bit-pack this record into the kernel layout of ``spqr_kernels.layout`` (lossless)."""
+        if self.in_features > 65536:
+            raise ValueError(f"in_features {self.in_features} > 65536 cannot be packed: outlier columns are 16-bit")
         t: dict[str, torch.Tensor] = {
             "qweight": pack_bits(self.codes.t(), self.wbits),
             "outlier_row_ptr": self.outlier_row_ptr.to(torch.int32),

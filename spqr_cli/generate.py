@@ -1,0 +1,102 @@
+"""`spqr run`: streaming text generation from a packed (or dense) model, with tokens/s measured.
+
+Generation goes through transformers' ``generate`` so sampling, stopping and caching behave exactly as users
+expect; on GPU a static KV cache keeps shapes fixed (cheap per-token launches for the Triton kernels).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from spqr_cli.errors import SpQRError
+from spqr_cli.models import resolve_device
+
+
+@dataclass
+class GenerationResult:
+    prompt: str
+    text: str
+    new_tokens: int
+    prefill_seconds: float
+    decode_seconds: float
+    device: str
+
+    @property
+    def tokens_per_second(self) -> float:
+        """Decode speed: tokens after the first, over the time after the first token appeared."""
+        return max(self.new_tokens - 1, 0) / self.decode_seconds if self.decode_seconds > 0 else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "tokens_per_second": self.tokens_per_second}
+
+
+def load_for_generation(path: str | Path, device: str = "auto", verify: bool = True) -> tuple[Any, Any]:
+    """A packed checkpoint (``spqr_config.json``) through ``load_packed``, otherwise a dense HF model."""
+    from spqr_cli.evaluate import load_any_model
+
+    return load_any_model(str(path), "fp16", device, verify=verify)
+
+
+def generate(model: Any, tokenizer: Any, prompt: str, max_new_tokens: int = 64, do_sample: bool = False,
+             temperature: float = 0.8, top_p: float = 0.95, top_k: int = 50, seed: int = 0,
+             on_text: Callable[[str], None] | None = None) -> GenerationResult:
+    """Generate from ``prompt``; ``on_text`` receives the decoded text piece by piece as it is produced."""
+    from transformers import TextStreamer
+
+    if max_new_tokens < 1:
+        raise SpQRError("--max-new-tokens must be >= 1")
+    if do_sample and not temperature > 0:
+        raise SpQRError("--temperature must be > 0 when sampling")
+    device = next(model.parameters()).device
+    ids = tokenizer(prompt, return_tensors="pt").input_ids.to(device)
+    if ids.shape[1] == 0:
+        ids = torch.tensor([[tokenizer.bos_token_id or 0]], device=device)
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if limit is not None and ids.shape[1] + max_new_tokens > limit:
+        raise SpQRError(f"prompt ({ids.shape[1]} tokens) + --max-new-tokens {max_new_tokens} exceeds the model's "
+                        f"context of {limit} tokens; shorten the prompt or lower --max-new-tokens")
+    torch.manual_seed(seed)
+
+    marks: list[float] = []
+    pieces: list[str] = []
+
+    class _Stream(TextStreamer):
+        def put(self, value: torch.Tensor) -> None:
+            marks.append(time.perf_counter())
+            super().put(value)
+
+        def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+            pieces.append(text)
+            if on_text is not None and text:
+                on_text(text)
+
+    kwargs: dict[str, Any] = {"max_new_tokens": max_new_tokens, "do_sample": do_sample,
+                              "pad_token_id": tokenizer.pad_token_id or tokenizer.eos_token_id}
+    if do_sample:
+        kwargs.update(temperature=temperature, top_p=top_p, top_k=top_k)
+    if device.type == "cuda":
+        kwargs["cache_implementation"] = "static"
+    start = time.perf_counter()
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids),
+                             streamer=_Stream(tokenizer, skip_prompt=True), **kwargs)
+    end = time.perf_counter()
+    new = int(out.shape[1] - ids.shape[1])
+    # marks[0] is the prompt, marks[1] the first generated token: prefill ends there
+    first = marks[1] if len(marks) > 1 else end
+    return GenerationResult(prompt=prompt, text="".join(pieces), new_tokens=new, prefill_seconds=first - start,
+                            decode_seconds=end - first, device=str(device))
+
+
+def run_model(path: str | Path, prompt: str, device: str = "auto", verify: bool = True,
+              on_text: Callable[[str], None] | None = None, **gen_kwargs: Any) -> GenerationResult:
+    """Load ``path`` and generate: the library function behind ``spqr run``."""
+    resolve_device(device)
+    model, tokenizer = load_for_generation(path, device, verify)
+    return generate(model, tokenizer, prompt, on_text=on_text, **gen_kwargs)
