@@ -122,13 +122,25 @@ def load_preset(name_or_path: str) -> QuantConfig:
     return QuantConfig.from_dict(data)
 
 
+METHOD_DEFAULT_PRESET = {"spqr": "spqr-3.9bit", "gptq": "gptq-4bit-g128", "rtn": "rtn-4bit-g128"}
+
+
 def default_for_method(method: str, wbits: int | None = None) -> QuantConfig:
-    """Sensible defaults per method so that ``--method gptq --wbits 4`` needs no other flag."""
-    if method == "spqr":
-        cfg = QuantConfig()
-    elif method in ("gptq", "rtn"):
-        cfg = QuantConfig(method=method, wbits=4, groupsize=128, stat_bits=16, beta2=0,
-                          outlier_threshold=math.inf, perm="identity")
-    else:
+    """Each method's default preset, so that ``--method gptq --wbits 3`` needs no other flag."""
+    if method not in METHOD_DEFAULT_PRESET:
         raise ConfigError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
-    return cfg.replace(wbits=wbits)
+    return load_preset(METHOD_DEFAULT_PRESET[method]).replace(wbits=wbits)
+
+
+def build_config(preset: str | None = None, method: str | None = None, **overrides: Any) -> QuantConfig:
+    """The config behind ``spqr quantize``: a preset (or the method's defaults) with explicit flags on top.
+
+    ``None`` values in ``overrides`` mean "not given on the command line" and keep the preset's value.
+    """
+    if preset is not None:
+        cfg = load_preset(preset)
+        if method is not None and method != cfg.method:
+            raise ConfigError(f"--method {method} contradicts --preset {preset} (method {cfg.method}); drop one")
+    else:
+        cfg = default_for_method(method or "spqr", overrides.get("wbits"))
+    return cfg.replace(**overrides)

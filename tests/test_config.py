@@ -1,0 +1,53 @@
+"""Method config: presets as data, flags over presets, validation messages, the bits formula."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from spqr_cli.config import ConfigError, QuantConfig, build_config, list_presets, load_preset
+
+
+def test_every_preset_loads_and_round_trips() -> None:
+    names = list_presets()
+    assert {"spqr-3.9bit", "spqr-4.6bit", "gptq-4bit-g128", "gptq-3bit-g128", "rtn-4bit-g128"} <= set(names)
+    for name in names:
+        cfg = load_preset(name)
+        assert QuantConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_defaults_are_the_3_9_bit_preset() -> None:
+    assert QuantConfig() == load_preset("spqr-3.9bit")
+    assert build_config(wbits=3) == load_preset("spqr-3.9bit")
+
+
+def test_flags_override_presets_and_methods_have_defaults() -> None:
+    cfg = build_config(preset="gptq-4bit-g128", wbits=3, groupsize=None)
+    assert (cfg.method, cfg.wbits, cfg.groupsize) == ("gptq", 3, 128)
+    rtn = build_config(method="rtn")
+    assert rtn.method == "rtn" and not rtn.has_outliers and rtn.stat_bits == 16
+    with pytest.raises(ConfigError, match="contradicts"):
+        build_config(preset="gptq-4bit-g128", method="spqr")
+    with pytest.raises(ConfigError, match="not found"):
+        load_preset("no-such-preset")
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [({"wbits": 1}, "wbits"), ({"method": "awq"}, "unknown method"), ({"perm": "random"}, "permutation"),
+     ({"stat_bits": 12}, "stat-bits"), ({"percdamp": 0}, "percdamp"), ({"groupsize": 12}, "groupsize")],
+)
+def test_bad_values_are_refused(changes: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        QuantConfig(**changes)
+
+
+def test_formula_bits() -> None:
+    spqr = load_preset("spqr-3.9bit")
+    # 3-bit codes + two 3-bit stats per 16 weights + four fp16 second-level values per 16x16 tile + perm
+    assert spqr.formula_bits(4096, 4096) == pytest.approx(3 + 6 / 16 + 64 / 256 + 32 / 4096)
+    assert spqr.formula_bits(4096, 4096, outlier_fraction=0.01) == pytest.approx(3.625 + 32 / 4096 + 0.32)
+    rtn = load_preset("rtn-4bit-g128")
+    assert rtn.formula_bits(4096, 4096) == pytest.approx(4 + 32 / 128)
+    assert math.isinf(rtn.outlier_threshold) and rtn.to_dict()["outlier_threshold"] == "inf"
