@@ -1,27 +1,32 @@
 """The packed weight layout shared by ``spqr pack`` (writer), the runtime (loader) and the Triton kernels.
 
-Bit packing (``pack_bits``): small unsigned codes of ``bits`` width are packed ``cpw = 32 // bits`` per int32
-word along dimension 0, so a ``[K, N]`` code matrix becomes ``[ceil(K / cpw), N]`` words; code ``k`` sits in
-word ``k // cpw`` at bit offset ``(k % cpw) * bits``. Keeping N (output features) as the contiguous dimension
-makes every kernel tile load coalesced, and ``k // cpw`` with a constant divisor keeps the unpacking to a shift
-and a mask per weight. 3-bit codes thus cost 3.2 bits (10 per word, 2 bits spare) in exchange for never
-straddling a word.
+Bit packing runs along the *output* dimension N: ``cpw = 32 // bits`` codes of consecutive output rows share one
+int32 word, and words are stored ``[X, ceil(N / cpw)]`` row-major (``pack_rows``). So code ``(n, k)`` sits in
+word ``[k, n // cpw]`` at bit offset ``(n % cpw) * bits``. Why along N:
 
-Per linear layer of shape ``(N, K)`` with groups of ``gs`` columns (``G = K // gs``), ``NB = ceil(N / beta2)``:
+- a kernel tile is a plain 2-D load ``[BLOCK_K, BLOCK_W]`` of contiguous words (large coalesced loads, many bytes
+  in flight, which is what a memory-bound matvec needs);
+- shifting a whole tile by ``c * bits`` yields the codes of the output rows ``n = word * cpw + c`` for *every*
+  k of the tile at once, so the K axis keeps its natural power-of-two tiling and groups of β1 columns never
+  straddle a word, whatever ``cpw`` is (10 for 3-bit: 3.2 bits per code, 2 bits of each word spare);
+- first-level statistics are packed the same way along N, so one shift decodes them for the same rows.
 
-=================  ==========================  =====================================================
-tensor             dtype / shape               meaning
-=================  ==========================  =====================================================
-qweight            int32 ``[ceil(K/cpw), N]``  weight codes, permuted column order, ``wbits`` each
-qscale, qzero      int32 ``[ceil(G/cps), N]``  first-level stats codes, ``stat_bits`` each (quantized stats)
-scale_stats        fp16 ``[2, G, NB]``         second-level (scale, zero) of the scale quantizer
-zero_stats         fp16 ``[2, G, NB]``         second-level (scale, zero) of the zero quantizer
-scales, zeros      fp16 ``[G, N]``             first-level stats when ``stat_bits == 16`` (GPTQ/RTN)
-perm               int32 ``[K]``               permuted column j reads input feature perm[j] (absent: identity)
-outlier_row_ptr    int32 ``[N + 1]``           CSR row pointers of the outliers
-outlier_col        int16 ``[nnz]``             original input column (read as unsigned 16-bit)
-outlier_val        fp16 ``[nnz]``              the outlier weight itself (not a residual)
-=================  ==========================  =====================================================
+Per linear layer of shape ``(N, K)`` with groups of ``gs`` columns (``G = K // gs``), ``NB = ceil(N / beta2)``,
+``W = ceil(N / cpw)``, ``WS = ceil(N / cps)`` with ``cps = 32 // stat_bits``:
+
+=================  =======================  ==========================================================
+tensor             dtype / shape            meaning
+=================  =======================  ==========================================================
+qweight            int32 ``[K, W]``         weight codes (column k in permuted order), ``wbits`` each
+qscale, qzero      int32 ``[G, WS]``        first-level stats codes, ``stat_bits`` each (quantized stats)
+scale_stats        fp16 ``[2, G, NB]``      second-level (scale, zero) of the scale quantizer
+zero_stats         fp16 ``[2, G, NB]``      second-level (scale, zero) of the zero quantizer
+scales, zeros      fp16 ``[G, N]``          first-level stats when ``stat_bits == 16`` (GPTQ/RTN)
+perm               int32 ``[K]``            permuted column j reads input feature perm[j] (absent: identity)
+outlier_row_ptr    int32 ``[N + 1]``        CSR row pointers of the outliers
+outlier_col        int16 ``[nnz]``          original input column (read as unsigned 16-bit)
+outlier_val        fp16 ``[nnz]``           the outlier weight itself (not a residual)
+=================  =======================  ==========================================================
 """
 
 from __future__ import annotations
@@ -62,12 +67,22 @@ def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def unpack_bits(packed: torch.Tensor, bits: int, rows: int) -> torch.Tensor:
-    """Inverse of ``pack_bits``: int32 ``[ceil(rows/cpw), N]`` -> uint8/int32 codes ``[rows, N]`` (int64)."""
+    """Inverse of ``pack_bits``: int32 ``[ceil(rows/cpw), N]`` -> int64 codes ``[rows, N]``."""
     cpw = codes_per_word(bits)
     w = packed.to(torch.int64) & 0xFFFFFFFF
     shifts = (torch.arange(cpw, device=packed.device, dtype=torch.int64) * bits).view(1, cpw, 1)
     codes = (w.unsqueeze(1) >> shifts) & ((1 << bits) - 1)
     return codes.reshape(-1, packed.shape[1])[:rows]
+
+
+def pack_rows(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack ``[N, X]`` codes along N: int32 ``[X, ceil(N / cpw)]`` (row n in word n // cpw, see module doc)."""
+    return pack_bits(codes, bits).t().contiguous()
+
+
+def unpack_rows(packed: torch.Tensor, bits: int, rows: int) -> torch.Tensor:
+    """Inverse of ``pack_rows``: int32 ``[X, W]`` -> int64 codes ``[rows, X]``."""
+    return unpack_bits(packed.t(), bits, rows)
 
 
 @dataclass

@@ -17,6 +17,12 @@ _API = {
     "load_model": "spqr_cli.models",
     "load_tokenizer": "spqr_cli.models",
     "SpQRError": "spqr_cli.errors",
+    "evaluate_perplexity": "spqr_cli.evaluate",
+    "load_any_model": "spqr_cli.evaluate",
+    "build_calibration_set": "spqr_cli.calibrate",
+    "save_calibration": "spqr_cli.calibrate",
+    "load_calibration": "spqr_cli.calibrate",
+    "run_demo": "spqr_cli.demo",
 }
 
 

@@ -79,7 +79,7 @@ def expected_shapes(meta: dict[str, Any]) -> dict[str, tuple[int, ...]]:
         raise SpQRError(f"invalid layer metadata: groupsize {gs} does not divide in_features {k}")
     g = k // gs
     shapes: dict[str, tuple[int, ...]] = {
-        "qweight": (-(-k // codes_per_word(meta["wbits"])), n),
+        "qweight": (k, -(-n // codes_per_word(meta["wbits"]))),
         "outlier_row_ptr": (n + 1,),
         "outlier_col": (meta["nnz"],),
         "outlier_val": (meta["nnz"],),
@@ -90,7 +90,7 @@ def expected_shapes(meta: dict[str, Any]) -> dict[str, tuple[int, ...]]:
         shapes["scales"] = shapes["zeros"] = (g, n)
     else:
         nb = -(-n // meta["beta2"])
-        shapes["qscale"] = shapes["qzero"] = (-(-g // codes_per_word(meta["stat_bits"])), n)
+        shapes["qscale"] = shapes["qzero"] = (g, -(-n // codes_per_word(meta["stat_bits"])))
         shapes["scale_stats"] = shapes["zero_stats"] = (2, g, nb)
     return shapes
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from spqr_kernels.layout import PackedWeight, pack_bits, unpack_bits
+from spqr_kernels.layout import PackedWeight, pack_rows, unpack_rows
 
 RECORD_FIELDS = (
     "codes", "scale", "zero", "scale_codes", "zero_codes", "scale_stats", "zero_stats",
@@ -137,7 +137,7 @@ class QuantizedLayer:
         if self.in_features > 65536:
             raise ValueError(f"in_features {self.in_features} > 65536 cannot be packed: outlier columns are 16-bit")
         t: dict[str, torch.Tensor] = {
-            "qweight": pack_bits(self.codes.t(), self.wbits),
+            "qweight": pack_rows(self.codes, self.wbits),
             "outlier_row_ptr": self.outlier_row_ptr.to(torch.int32),
             "outlier_col": self.outlier_col.to(torch.int32).to(torch.int16),  # wraps above 32767: read unsigned
             "outlier_val": self.outlier_val.to(torch.float16),
@@ -148,8 +148,8 @@ class QuantizedLayer:
             t["scales"] = self.scale.t().contiguous().to(torch.float16)
             t["zeros"] = self.zero.t().contiguous().to(torch.float16)
         else:
-            t["qscale"] = pack_bits(self.scale_codes.t(), self.stat_bits)
-            t["qzero"] = pack_bits(self.zero_codes.t(), self.stat_bits)
+            t["qscale"] = pack_rows(self.scale_codes, self.stat_bits)
+            t["qzero"] = pack_rows(self.zero_codes, self.stat_bits)
             t["scale_stats"] = self.scale_stats.permute(2, 1, 0).contiguous().to(torch.float16)
             t["zero_stats"] = self.zero_stats.permute(2, 1, 0).contiguous().to(torch.float16)
         return PackedWeight(**self.meta(), tensors={k: v.contiguous().cpu() for k, v in t.items()})
@@ -158,9 +158,9 @@ class QuantizedLayer:
     def from_packed(cls, pw: PackedWeight) -> QuantizedLayer:
         """Inverse of ``pack``: exact reconstruction of the record from the packed buffers."""
         t = {k: v.cpu() for k, v in pw.tensors.items()}
-        k = pw.in_features
+        n = pw.out_features
         fields: dict[str, torch.Tensor | None] = {
-            "codes": unpack_bits(t["qweight"], pw.wbits, k).t().contiguous().to(torch.uint8),
+            "codes": unpack_rows(t["qweight"], pw.wbits, n).to(torch.uint8),
             "outlier_row_ptr": t["outlier_row_ptr"].to(torch.int32),
             "outlier_col": (t["outlier_col"].to(torch.int32) & 0xFFFF),
             "outlier_val": t["outlier_val"],
@@ -170,9 +170,8 @@ class QuantizedLayer:
             fields["scale"] = t["scales"].t().contiguous()
             fields["zero"] = t["zeros"].t().contiguous()
         else:
-            g = k // pw.groupsize
-            fields["scale_codes"] = unpack_bits(t["qscale"], pw.stat_bits, g).t().contiguous().to(torch.uint8)
-            fields["zero_codes"] = unpack_bits(t["qzero"], pw.stat_bits, g).t().contiguous().to(torch.uint8)
+            fields["scale_codes"] = unpack_rows(t["qscale"], pw.stat_bits, n).to(torch.uint8)
+            fields["zero_codes"] = unpack_rows(t["qzero"], pw.stat_bits, n).to(torch.uint8)
             fields["scale_stats"] = t["scale_stats"].permute(2, 1, 0).contiguous()
             fields["zero_stats"] = t["zero_stats"].permute(2, 1, 0).contiguous()
         return cls(**pw.meta(), **fields)

@@ -56,9 +56,9 @@ def test_spqr_linear_holds_only_packed_bytes() -> None:
     pw = rec.pack()
     layer = SpQRLinear(pw)
     held = sum(b.numel() * b.element_size() for b in layer.buffers())
-    # qweight 52 words x 256 (512 codes, 10 per word) + qscale/qzero 4 words x 256 each (32 stat codes) +
+    # qweight 512 x 26 words (256 rows, 10 codes per word) + qscale/qzero 32 x 26 words each (32 groups) +
     # two [2, 32, 16] fp16 second-level stats + perm int32[512] + row pointers int32[257] (no outliers)
-    assert held == pw.nbytes() == 4 * 52 * 256 + 2 * 4 * 4 * 256 + 2 * 2 * 2 * 32 * 16 + 4 * 512 + 4 * 257
+    assert held == pw.nbytes() == 4 * 512 * 26 + 2 * 4 * 32 * 26 + 2 * 2 * 2 * 32 * 16 + 4 * 512 + 4 * 257
     assert not list(layer.parameters())
 
 

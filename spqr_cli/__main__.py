@@ -1,0 +1,5 @@
+"""``python -m spqr_cli`` runs the ``spqr`` command line."""
+
+from spqr_cli.cli import main
+
+main()

@@ -1,0 +1,149 @@
+"""Layer speed benchmark: fp16 ``F.linear`` (cuBLAS) vs the SpQR Triton kernels, side by side in one process.
+
+Timing method: CUDA events around each call, the L2 cache flushed (a 256 MB buffer is zeroed) before every
+timed call so that weights come from device memory as they would in a real model, warm-up first, median of
+``reps`` runs. Launches are back-to-back (no CUDA graph); the flush gives the CPU time to queue the launches,
+so the times are GPU times, launch overhead excluded.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from collections.abc import Callable, Iterable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from spqr_kernels.layout import PackedWeight, pack_rows
+
+# (hidden, intermediate) of LLaMA-7B, 13B, 33B, 65B
+LLAMA_DIMS = {"7B": (4096, 11008), "13B": (5120, 13824), "33B": (6656, 17920), "65B": (8192, 22016)}
+
+
+def llama_shapes(models: Iterable[str] = ("7B", "13B", "33B", "65B")) -> list[tuple[str, int, int]]:
+    """``(name, N, K)`` of the distinct linear shapes per model: q/k/v/o (h->h), up/gate (h->i), down (i->h)."""
+    out = []
+    for m in models:
+        h, i = LLAMA_DIMS[m]
+        out += [(f"{m} qkvo", h, h), (f"{m} up/gate", i, h), (f"{m} down", h, i)]
+    return out
+
+
+def random_packed(
+    n: int, k: int, wbits: int = 3, groupsize: int = 16, beta2: int = 16, stat_bits: int = 3,
+    outlier_fraction: float = 0.01, act_order: bool = True, device: str = "cuda", seed: int = 0,
+) -> PackedWeight:
+    """A well-formed random ``PackedWeight`` built directly on ``device`` (fast at 65B sizes; for speed only)."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    g = k // groupsize
+
+    def codes(rows: int, bits: int) -> torch.Tensor:
+        c = torch.randint(0, 2**bits, (n, rows), generator=gen, device=device, dtype=torch.int32)
+        return pack_rows(c, bits)
+
+    t: dict[str, torch.Tensor] = {"qweight": codes(k, wbits)}
+    mid = (2**wbits - 1) / 2
+    if stat_bits == 16:
+        t["scales"] = (0.01 + 0.01 * torch.rand(g, n, generator=gen, device=device)).half()
+        t["zeros"] = (mid + torch.randn(g, n, generator=gen, device=device)).half()
+    else:
+        nb = -(-n // beta2)
+        t["qscale"], t["qzero"] = codes(g, stat_bits), codes(g, stat_bits)
+        smax = 2**stat_bits - 1
+        t["scale_stats"] = torch.stack([0.002 + 0.002 * torch.rand(g, nb, generator=gen, device=device),
+                                        -2 - torch.rand(g, nb, generator=gen, device=device)]).half()
+        t["zero_stats"] = torch.stack([mid / smax * (1 + 0.1 * torch.rand(g, nb, generator=gen, device=device)),
+                                       torch.rand(g, nb, generator=gen, device=device) - 0.5]).half()
+    if act_order:
+        t["perm"] = torch.randperm(k, generator=gen, device=device).to(torch.int32)
+    counts = torch.distributions.Binomial(k, torch.full((n,), outlier_fraction, device=device)).sample().long()
+    rows = torch.repeat_interleave(torch.arange(n, device=device), counts)
+    cols = torch.randint(0, k, (rows.numel(),), generator=gen, device=device)
+    keys = torch.unique(rows * k + cols)  # distinct positions, sorted by row then column (CSR order)
+    rows, cols = keys // k, keys % k
+    nnz = int(keys.numel())
+    row_ptr = torch.zeros(n + 1, dtype=torch.int32, device=device)
+    row_ptr[1:] = torch.cumsum(torch.bincount(rows, minlength=n), 0)
+    t["outlier_row_ptr"] = row_ptr
+    t["outlier_col"] = cols.to(torch.int32).to(torch.int16)
+    t["outlier_val"] = (0.1 * torch.randn(nnz, generator=gen, device=device)).half()
+    return PackedWeight(out_features=n, in_features=k, wbits=wbits, groupsize=groupsize,
+                        beta2=beta2 if stat_bits != 16 else 0, stat_bits=stat_bits, tensors=t)
+
+
+def time_cuda(fn: Callable[[], object], warmup: int = 10, reps: int = 50) -> float:
+    """Median milliseconds of ``fn`` over ``reps`` runs, each timed with CUDA events after an L2 flush."""
+    flush = torch.empty(256 * 1024 * 1024, dtype=torch.uint8, device="cuda")
+    for _ in range(warmup):
+        fn()
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    for i in range(reps):
+        flush.zero_()
+        starts[i].record()
+        fn()
+        ends[i].record()
+    torch.cuda.synchronize()
+    return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends, strict=True))
+
+
+def bench_layers(
+    shapes: Sequence[tuple[str, int, int]] | None = None,
+    batches: Sequence[int] = (1, 4, 16, 256),
+    wbits: int = 3, groupsize: int = 16, beta2: int = 16, stat_bits: int = 3, outlier_fraction: float = 0.01,
+    warmup: int = 10, reps: int = 50, dtype: torch.dtype = torch.float16,
+) -> list[dict]:
+    """Time fp16 cuBLAS and ``spqr_linear`` per shape and batch; one dict per (shape, batch).
+
+    Keys: name, N, K, batch, fp16_ms, spqr_ms, speedup, fp16_gbps (fp16 weight bytes / time), spqr_gbps (packed
+    bytes / time), packed_mb, bits_per_param (packed bytes * 8 / N*K), max_rel_err (vs fp32 on the same inputs).
+    """
+    from spqr_kernels.ops import spqr_linear
+    from spqr_kernels.reference import dequantize
+
+    if not torch.cuda.is_available():
+        raise RuntimeError("bench_layers needs a CUDA GPU")
+    rows = []
+    for name, n, k in shapes or llama_shapes():
+        pw = random_packed(n, k, wbits, groupsize, beta2, stat_bits, outlier_fraction)
+        w16 = dequantize(pw).to(dtype)
+        packed = pw.nbytes()
+        for b in batches:
+            x = torch.randn(b, k, device="cuda", dtype=dtype)
+            ref = x.float() @ w16.float().t()
+            err = ((spqr_linear(x, pw).float() - ref).norm() / ref.norm()).item()
+            t16 = time_cuda(lambda x=x, w=w16: F.linear(x, w), warmup, reps)
+            tq = time_cuda(lambda x=x, pw=pw: spqr_linear(x, pw), warmup, reps)
+            rows.append({
+                "name": name, "N": n, "K": k, "batch": b, "fp16_ms": t16, "spqr_ms": tq, "speedup": t16 / tq,
+                "fp16_gbps": n * k * 2 / t16 / 1e6, "spqr_gbps": packed / tq / 1e6, "packed_mb": packed / 1e6,
+                "bits_per_param": packed * 8 / (n * k), "max_rel_err": err,
+            })
+        del w16, pw
+        torch.cuda.empty_cache()
+    return rows
+
+
+def render_table(rows: Sequence[dict], title: str = "SpQR layer bench") -> object:
+    """A rich ``Table`` of ``bench_layers`` rows."""
+    from rich.table import Table
+
+    table = Table(title=title)
+    for col in ("layer", "N x K", "batch", "fp16 ms", "spqr ms", "speedup", "fp16 GB/s", "spqr GB/s", "bits", "err"):
+        table.add_column(col, justify="right")
+    for r in rows:
+        table.add_row(r["name"], f"{r['N']}x{r['K']}", str(r["batch"]), f"{r['fp16_ms']:.4f}", f"{r['spqr_ms']:.4f}",
+                      f"{r['speedup']:.2f}x", f"{r['fp16_gbps']:.0f}", f"{r['spqr_gbps']:.0f}",
+                      f"{r['bits_per_param']:.2f}", f"{r['max_rel_err']:.1e}")
+    return table
+
+
+def write_json(rows: Sequence[dict], path: str, extra: dict | None = None) -> None:
+    """Rows plus the environment (GPU, torch, triton versions) as JSON."""
+    import triton
+
+    env = {"gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+           "torch": torch.__version__, "triton": triton.__version__}
+    with open(path, "w") as f:
+        json.dump({"env": env, **(extra or {}), "rows": list(rows)}, f, indent=1)

@@ -1,0 +1,152 @@
+"""Kernels vs the torch reference (fp32 dequantize-then-matmul), and the reference vs the record's decode.
+
+On a machine without CUDA the Triton kernels run under ``TRITON_INTERPRET=1`` (set below, before the kernel
+modules are imported) on small shapes; the ``gpu`` tests repeat the checks on large shapes on a GPU.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from spqr_cli.record import QuantizedLayer  # noqa: E402
+from spqr_cli.testing import random_record  # noqa: E402
+from spqr_kernels import matmul, matvec, ops, reference  # noqa: E402
+
+CUDA = torch.cuda.is_available()
+INTERPRETED = type(matvec._decode_kernel).__name__ == "InterpretedFunction"
+needs_triton = pytest.mark.skipif(not CUDA and not INTERPRETED,
+                                  reason="kernels were imported without TRITON_INTERPRET=1 and there is no GPU")
+gpu = pytest.mark.gpu
+needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+
+# (N, K, wbits, groupsize, stat_bits, act_order, outlier_rows)
+DECODE_CASES = [
+    (40, 48, 3, 16, 3, True, "edge"),     # K shorter than one 80-code superblock, partial last word
+    (40, 48, 3, 16, 3, False, "random"),  # identity permutation
+    (33, 96, 4, 16, 3, True, "edge"),     # N not a multiple of any tile
+    (24, 64, 2, 16, 3, False, "edge"),
+    (40, 64, 4, 16, 16, True, "random"),  # fp16 stats
+]
+PREFILL_CASES = DECODE_CASES[:4] + [
+    (40, 256, 3, 128, 16, True, "random"),  # GPTQ-style g128
+    (40, 48, 4, 48, 16, True, "edge"),      # per-channel stats (one group of K columns)
+    (24, 256, 2, 32, 3, False, "random"),
+]
+
+
+def make(case, seed: int = 0, device: str = "cpu"):
+    n, k, wbits, gs, sb, ao, rows = case
+    rec = random_record(n, k, wbits=wbits, groupsize=gs, stat_bits=sb, act_order=ao, outlier_rows=rows, seed=seed)
+    return rec, rec.pack().to(device)
+
+
+def check_close(y: torch.Tensor, ref: torch.Tensor) -> None:
+    """fp16-output tolerance: relative norm error and worst element, against an fp32 reference."""
+    assert y.shape == ref.shape
+    tol = 8e-3 if y.dtype == torch.bfloat16 else 2e-3  # bf16 outputs keep 8 mantissa bits, fp16 11
+    y = y.float()
+    assert torch.isfinite(y).all()
+    rel = ((y - ref).norm() / ref.norm()).item()
+    worst = (y - ref).abs().max().item()
+    assert rel < tol, f"relative error {rel:.2e}"
+    assert worst <= 2 * tol * ref.abs().max().item() + 1e-3, f"max abs error {worst:.2e}"
+
+
+@pytest.mark.parametrize("case", DECODE_CASES + PREFILL_CASES[4:])
+def test_reference_matches_record(case):
+    rec, pw = make(case)
+    ours = reference.dequantize(pw)
+    record = QuantizedLayer.from_packed(pw).dequantize().float()
+    # the record rounds the final weight to fp16 once; outliers are exact in both
+    assert torch.allclose(ours, record, rtol=2**-10, atol=1e-7)
+    rows, cols = reference.outlier_rows(pw), reference.outlier_cols(pw)
+    assert torch.equal(ours[rows, cols], rec.outlier_val.float())
+
+
+def test_edge_rows_are_exercised():
+    rec, pw = make(DECODE_CASES[0])
+    counts = rec.outlier_row_ptr[1:] - rec.outlier_row_ptr[:-1]
+    assert counts[0] == rec.in_features and counts[-1] == 0
+
+
+@needs_triton
+@pytest.mark.parametrize("batch", [1, 3, 16])
+@pytest.mark.parametrize("case", DECODE_CASES)
+def test_decode_kernel(case, batch):
+    _, pw = make(case, seed=batch)
+    x = torch.randn(batch, pw.in_features, dtype=torch.float16)
+    bias = torch.randn(pw.out_features, dtype=torch.float16) if batch == 3 else None
+    check_close(matvec.spqr_matvec(x, pw, bias), reference.linear_reference(x.float(), pw, bias))
+
+
+@needs_triton
+@pytest.mark.parametrize("batch", [1, 33])
+@pytest.mark.parametrize("case", PREFILL_CASES)
+def test_prefill_kernel(case, batch):
+    _, pw = make(case, seed=batch)
+    x = torch.randn(batch, pw.in_features, dtype=torch.bfloat16 if batch == 33 else torch.float16)
+    bias = torch.randn(pw.out_features, dtype=x.dtype)
+    check_close(matmul.spqr_matmul(x, pw, bias), reference.linear_reference(x.float(), pw, bias.float()))
+
+
+@needs_triton
+def test_spqr_linear_dispatch_and_shapes():
+    _, pw = make((40, 96, 3, 16, 3, True, "edge"))
+    x = torch.randn(2, 3, 96, dtype=torch.float16)  # 6 tokens: decode kernel
+    check_close(ops.spqr_linear(x, pw), reference.linear_reference(x.float(), pw))
+    x = torch.randn(17, 96, dtype=torch.bfloat16)  # 17 tokens: tensor-core kernel
+    check_close(ops.spqr_linear(x, pw), reference.linear_reference(x.float(), pw))
+    assert ops.spqr_linear(torch.randn(0, 96, dtype=torch.float16), pw).shape == (0, 40)
+
+
+def test_spqr_linear_reference_path(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    _, pw = make(DECODE_CASES[2])
+    x = torch.randn(5, pw.in_features, dtype=torch.float16)
+    if not CUDA:
+        assert torch.equal(ops.spqr_linear(x, pw), reference.linear_reference(x, pw))
+
+
+def test_spqr_linear_rejects_bad_inputs():
+    _, pw = make(DECODE_CASES[0])
+    with pytest.raises(ValueError, match="48 input features"):
+        ops.spqr_linear(torch.randn(2, 47, dtype=torch.float16), pw)
+    with pytest.raises(TypeError, match="float16 or bfloat16"):
+        ops.spqr_linear(torch.randn(2, 48), pw)
+    with pytest.raises(ValueError, match="bias"):
+        ops.spqr_linear(torch.randn(2, 48, dtype=torch.float16), pw, torch.zeros(41, dtype=torch.float16))
+    with pytest.raises(ValueError, match="1..16 tokens"):
+        matvec.spqr_matvec(torch.randn(17, 48, dtype=torch.float16), pw)
+
+
+# ---- the same checks on a GPU, on LLaMA-sized shapes ----
+
+GPU_CASES = [
+    (4096, 4096, 3, 16, 3, True, "edge"),
+    (1000, 4000, 3, 16, 3, True, "edge"),    # nothing a multiple of the tiles
+    (11008, 4096, 4, 16, 3, False, "random"),
+    (4096, 11008, 2, 16, 3, True, "random"),
+    (512, 1024, 4, 128, 16, True, "random"),  # GPTQ g128 (tensor-core kernel even at batch 1)
+    (512, 1024, 4, 1024, 16, False, "edge"),  # per-channel
+    (512, 1024, 3, 128, 16, True, "edge"),
+]
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("batch", [1, 3, 16, 33, 256])
+@pytest.mark.parametrize("case", GPU_CASES)
+def test_gpu_kernels(case, batch):
+    _, pw = make(case, seed=batch, device="cuda")
+    x = torch.randn(batch, pw.in_features, dtype=torch.float16, device="cuda")
+    bias = torch.randn(pw.out_features, dtype=torch.float16, device="cuda")
+    ref = reference.linear_reference(x.float(), pw, bias.float())
+    check_close(ops.spqr_linear(x, pw, bias), ref)
+    if batch <= 16 and matvec.supports(pw):
+        check_close(matmul.spqr_matmul(x, pw, bias), ref)  # the tensor-core kernel at small batch too
