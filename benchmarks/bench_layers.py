@@ -17,43 +17,46 @@ from spqr_cli.bench import bench_layers, llama_shapes, random_packed, render_tab
 
 
 def sweep_decode(shapes, batches, reps: int) -> list[dict]:
-    """Time every (BLOCK_N, num_warps, split) of the decode kernel; one row per shape, batch and config."""
-    from spqr_kernels.matvec import spqr_matvec
+    """Time every (BW, SPLIT, num_warps) of the one-token decode kernel; one row per shape and config."""
+    from spqr_kernels.matvec import pick_config, spqr_matvec
 
     rows = []
     for name, n, k in shapes:
         pw = random_packed(n, k)
-        for b in batches:
-            x = torch.randn(b, k, device="cuda", dtype=torch.float16)
-            for block_n, warps, split in itertools.product((128, 256, 512), (2, 4, 8), (1, 2, 4, 8, 16, 32)):
-                if block_n // (32 * warps) < 1 or block_n // (32 * warps) > 8:
-                    continue
-                cfg = (block_n, warps, split)
-                ms = time_cuda(lambda x=x, cfg=cfg, pw=pw: spqr_matvec(x, pw, config=cfg), 3, reps)
-                rows.append({"name": name, "N": n, "K": k, "batch": b, "config": cfg, "ms": ms,
-                             "gbps": pw.nbytes() / ms / 1e6})
+        x = torch.randn(1, k, device="cuda", dtype=torch.float16)
+        auto = pick_config(n, k, pw)
+        configs = {auto} | set(itertools.product((32, 64, 128, 256), (auto[1] // 2 or 1, auto[1], 2 * auto[1]),
+                                                 (2, 4, 8)))
+        for cfg in sorted(configs):
+            ms = time_cuda(lambda x=x, cfg=cfg, pw=pw: spqr_matvec(x, pw, config=cfg), 3, reps)
+            rows.append({"name": name, "N": n, "K": k, "batch": 1, "config": cfg, "ms": ms, "auto": cfg == auto,
+                         "gbps": pw.nbytes() / ms / 1e6})
         del pw
     return rows
 
 
 def sweep_prefill(shapes, batches, reps: int) -> list[dict]:
-    """Time (BLOCK_M, BLOCK_N, num_warps, num_stages) of the tensor-core kernel."""
-    from spqr_kernels.matmul import spqr_matmul
+    """Time (BM, BW, NGI, num_warps) of the tensor-core kernel per shape and batch."""
+    from spqr_kernels.matmul import pick_config, spqr_matmul
 
-    configs = [(128, 128, 8, 3), (128, 128, 4, 3), (64, 128, 4, 4), (128, 64, 4, 4), (128, 256, 8, 3),
-               (64, 64, 4, 4), (16, 64, 4, 3), (16, 128, 4, 3), (32, 128, 4, 3)]
     rows = []
     for name, n, k in shapes:
         pw = random_packed(n, k)
         for b in batches:
             x = torch.randn(b, k, device="cuda", dtype=torch.float16)
-            for cfg in configs:
-                if cfg[0] > 2 * max(b, 16) or (b > 64 and cfg[0] < 64):
-                    continue
+            auto = pick_config(b, n, pw)
+            configs = {auto} | {c for c in itertools.product((16, 32, 64, 128), (8, 16, 32), (1, 2, 4), (4, 8))
+                                if c[0] <= max(16, triton_next_pow2(b))}
+            for cfg in sorted(configs):
                 ms = time_cuda(lambda x=x, cfg=cfg, pw=pw: spqr_matmul(x, pw, config=cfg), 3, reps)
-                rows.append({"name": name, "N": n, "K": k, "batch": b, "config": cfg, "ms": ms})
+                rows.append({"name": name, "N": n, "K": k, "batch": b, "config": cfg, "ms": ms,
+                             "auto": cfg == auto})
         del pw
     return rows
+
+
+def triton_next_pow2(v: int) -> int:
+    return 1 << max(v - 1, 0).bit_length()
 
 
 def best_per_case(rows: list[dict]) -> list[dict]:
@@ -81,7 +84,9 @@ def main() -> None:
         fn = sweep_decode if a.sweep == "decode" else sweep_prefill
         rows = fn(shapes, batches, a.reps)
         for r in best_per_case(rows):
-            console.print(f"{r['name']:>14} b={r['batch']:<4} best {r['config']} {r['ms']:.4f} ms")
+            auto = next(x for x in rows if x["auto"] and x["name"] == r["name"] and x["batch"] == r["batch"])
+            console.print(f"{r['name']:>14} b={r['batch']:<4} best {r['config']} {r['ms']:.4f} ms; "
+                          f"auto {auto['config']} {auto['ms']:.4f} ms")
     else:
         rows = bench_layers(shapes, batches, warmup=a.warmup, reps=a.reps)
         console.print(render_table(rows))

@@ -1,15 +1,14 @@
-"""Prefill kernel: dequantize weight tiles to fp16 in registers and multiply on the tensor cores (``tl.dot``).
+"""Prefill kernel: ``Y = X W^T`` for many tokens; dequantize weight tiles in registers, multiply on tensor cores.
 
-Each program owns a ``[BLOCK_M, BLOCK_N]`` output tile and walks K in tiles of ``BK`` permuted columns. A tile
-is decoded as a 3-D ``[GB, GS_T, BLOCK_N]`` block (``GB`` groups of ``GS_T`` columns), so the stats are loaded
-once per group and broadcast, not gathered per weight; then it is flattened to ``[BK, BLOCK_N]`` for the dot.
-The activations are gathered through the permutation (``x[:, perm[k]]``), so the weight never has to be
-un-permuted. The outliers of the tile's rows are added after the K loop from the runtime residuals of
-``outliers.prepare`` (a short CSR loop), then the bias, and the tile is stored in the activation dtype: one
-launch per linear.
+Each program owns ``BM`` tokens x ``BW`` packed word columns (``BW * cpw`` output rows) and walks K in tiles of
+``NGI * GS_T`` permuted columns. A tile is decoded exactly as in the decode kernel (``dequant.py``), flattened
+to ``[KT, BW * CP]`` and fed to ``tl.dot`` with the activation tile gathered through the permutation
+(``X[:, perm[k]]``): one dot per power-of-two part of the word (8 + 2 slots for 3-bit codes). The outliers of
+the program's rows (runtime residuals of ``outliers.prepare``) and the bias are added at the end; one launch.
 
-The dot runs in fp16 with fp32 accumulation: bf16 activations are converted to fp16 in registers (the weights
-are fp16 by contract, and fp16 keeps 3 more mantissa bits than bf16).
+The dot runs in fp16 with fp32 accumulation: the dequantized weights are fp16 by contract, and bf16 activations
+are converted to fp16 in registers (3 more mantissa bits; activations beyond fp16's range, |x| > 65504, are not
+supported on this path).
 """
 
 from __future__ import annotations
@@ -18,125 +17,133 @@ import torch
 import triton
 import triton.language as tl
 
+from .dequant import dequant_part, split_slots, stat_args, tile_k
 from .layout import PackedWeight
-from .matvec import load_stats
-from .outliers import outlier_accumulate, prepare
-
-
-def tile_k(groupsize: int) -> tuple[int, int]:
-    """``(GB, GS_T)``: groups per K tile and columns per stats sub-tile; ``BK = GB * GS_T`` is 64 or more.
-
-    Groups of <= 64 columns are tiled several per K tile; longer groups (128, per-channel) are cut into
-    sub-tiles of their largest power-of-two divisor up to 64, each of which lies inside one group.
-    """
-    if groupsize % 16:
-        raise ValueError(f"the tensor-core kernel needs groups of a multiple of 16 columns, got {groupsize}")
-    if groupsize <= 64 and groupsize & (groupsize - 1) == 0:
-        return 64 // groupsize, groupsize
-    sub = 16
-    while sub < 64 and groupsize % (sub * 2) == 0:
-        sub *= 2
-    return 1, sub
+from .outliers import prepare
 
 
 @triton.jit
-def _prefill_kernel(
-    x_ptr, perm_ptr, qw_ptr, sc_ptr, zr_ptr, qs_ptr, qz_ptr, ss_ptr, zs_ptr,
-    row_ptr, col_ptr, delta_ptr, bias_ptr, out_ptr,
-    M, N, K, G, NB, beta2, stride_x, stride_o,
-    WBITS: tl.constexpr, GS: tl.constexpr, GB: tl.constexpr, GS_T: tl.constexpr, STAT_BITS: tl.constexpr,
-    HAS_PERM: tl.constexpr, HAS_OUTLIERS: tl.constexpr, HAS_BIAS: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr,
-):
-    CPW: tl.constexpr = 32 // WBITS
-    MASK: tl.constexpr = (1 << WBITS) - 1
-    BK: tl.constexpr = GB * GS_T
-    # grouped launch order: programs that share weight tiles run close together (L2 reuse)
-    pid = tl.program_id(0)
-    num_m = tl.cdiv(M, BLOCK_M)
-    num_n = tl.cdiv(N, BLOCK_N)
-    per_group = GROUP_M * num_n
-    first_m = (pid // per_group) * GROUP_M
-    rows_here = tl.minimum(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % per_group) % rows_here
-    pid_n = (pid % per_group) // rows_here
+def _dot_part(acc, xt, words, g, offs_w, N, G, WS, NB, sc_ptr, zr_ptr, qs_ptr, qz_ptr, ss_ptr, zs_ptr,
+              CPW: tl.constexpr, C0: tl.constexpr, CP: tl.constexpr, WBITS: tl.constexpr,
+              STAT_BITS: tl.constexpr, BETA2: tl.constexpr, KT: tl.constexpr, BW: tl.constexpr):
+    w, _ = dequant_part(words, g, offs_w, N, G, WS, NB, sc_ptr, zr_ptr, qs_ptr, qz_ptr, ss_ptr, zs_ptr,
+                        CPW, C0, CP, WBITS, STAT_BITS, BETA2)
+    w2d = tl.reshape(w, (KT, BW * CP)).to(tl.float16)
+    return tl.dot(xt, w2d, acc)
 
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_m = offs_m < M
-    mask_n = offs_n < N
-    n3 = offs_n[None, None, :]
-    mask_n3 = mask_n[None, None, :]
-    k_loc = tl.arange(0, GB)[:, None, None] * GS_T + tl.arange(0, GS_T)[None, :, None]  # [GB, GS_T, 1]
-    g_loc = tl.arange(0, GB)[:, None, None] * GS_T  # first column of each sub-tile
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, K, BK):
-        k = k0 + k_loc
-        word = tl.load(qw_ptr + (k // CPW) * N + n3, mask=(k < K) & mask_n3, other=0)
-        bits = ((word >> ((k % CPW) * WBITS)) & MASK) | 0x4B000000
-        q = bits.to(tl.float32, bitcast=True) - 8388608.0
-        s, z = load_stats((k0 + g_loc) // GS, n3, mask_n3, N, G, NB, beta2, sc_ptr, zr_ptr, qs_ptr, qz_ptr,
-                          ss_ptr, zs_ptr, STAT_BITS)
-        w = tl.reshape((s * (q - z)).to(tl.float16), (BK, BLOCK_N))
-        kk = k0 + tl.arange(0, BK)
-        if HAS_PERM:
-            cols = tl.load(perm_ptr + kk, mask=kk < K, other=0)
-        else:
-            cols = kk
-        xt = tl.load(x_ptr + offs_m[:, None] * stride_x + cols[None, :], mask=mask_m[:, None] & (kk < K)[None, :],
-                     other=0.0)
-        acc = tl.dot(xt.to(tl.float16), w, acc)
+
+@triton.jit
+def _finish(acc, offs_m, m_ok, w0, x_ptr, stride_x, rp_ptr, oc_ptr, od_ptr, bias_ptr, out_ptr, stride_o, N,
+            CPW: tl.constexpr, C0: tl.constexpr, CP: tl.constexpr, BW: tl.constexpr,
+            HAS_OUTLIERS: tl.constexpr, HAS_BIAS: tl.constexpr):
+    j = tl.arange(0, BW * CP)
+    n = (w0 + j // CP) * CPW + C0 + j % CP  # output row of flattened column j
+    n_ok = n < N
     if HAS_OUTLIERS:
-        acc = outlier_accumulate(acc, x_ptr, stride_x, offs_m, mask_m, offs_n, mask_n, row_ptr, col_ptr, delta_ptr)
+        start = tl.load(rp_ptr + n, mask=n_ok, other=0)
+        cnt = tl.load(rp_ptr + n + 1, mask=n_ok, other=0) - start
+        for i in range(0, tl.max(cnt, axis=0)):
+            live = i < cnt
+            col = tl.load(oc_ptr + start + i, mask=live, other=0)
+            d = tl.load(od_ptr + start + i, mask=live, other=0.0)
+            xv = tl.load(x_ptr + offs_m[:, None] * stride_x + col[None, :], mask=m_ok[:, None] & live[None, :],
+                         other=0.0).to(tl.float32)
+            acc += xv * d[None, :]
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-    tl.store(out_ptr + offs_m[:, None] * stride_o + offs_n[None, :], acc.to(out_ptr.dtype.element_ty),
-             mask=mask_m[:, None] & mask_n[None, :])
+        acc += tl.load(bias_ptr + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    tl.store(out_ptr + offs_m[:, None] * stride_o + n[None, :], acc.to(out_ptr.dtype.element_ty),
+             mask=m_ok[:, None] & n_ok[None, :])
 
 
-def pick_config(m: int, n: int) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) by token count; tuned on an H100 (docs/benchmarks.md)."""
-    if m <= 16:
-        return 16, 64, 4, 3
-    if m <= 64:
-        return 64, 128, 4, 3
-    return 128, 128, 8, 3
+@triton.jit
+def _matmul_kernel(
+    x_ptr, perm_ptr, qw_ptr, sc_ptr, zr_ptr, qs_ptr, qz_ptr, ss_ptr, zs_ptr,
+    rp_ptr, oc_ptr, od_ptr, bias_ptr, out_ptr,
+    M, N, K, W, WS, G, NB, stride_x, stride_o,
+    WBITS: tl.constexpr, CPW: tl.constexpr, CP1: tl.constexpr, CP2: tl.constexpr,
+    GS: tl.constexpr, GS_T: tl.constexpr, NGI: tl.constexpr, BW: tl.constexpr, BM: tl.constexpr,
+    STAT_BITS: tl.constexpr, BETA2: tl.constexpr,
+    HAS_PERM: tl.constexpr, HAS_OUTLIERS: tl.constexpr, HAS_BIAS: tl.constexpr,
+):
+    KT: tl.constexpr = NGI * GS_T
+    pid_m = tl.program_id(1)
+    pid_w = tl.program_id(0)
+    offs_m = pid_m * BM + tl.arange(0, BM)
+    m_ok = offs_m < M
+    offs_w = pid_w * BW + tl.arange(0, BW)
+    w_ok = offs_w < W
+    sub = tl.arange(0, NGI)[:, None]
+    row = tl.arange(0, GS_T)[None, :]
+    acc1 = tl.zeros([BM, BW * CP1], dtype=tl.float32)
+    acc2 = tl.zeros([BM, BW * (CP2 if CP2 > 0 else 1)], dtype=tl.float32)
+    for t in range(0, tl.cdiv(K, KT)):
+        k = (t * NGI + sub) * GS_T + row  # [NGI, GS_T]
+        k_ok = k < K
+        kf = t * KT + tl.arange(0, KT)  # the same columns, flattened
+        kf_ok = kf < K
+        if HAS_PERM:
+            src = tl.load(perm_ptr + kf, mask=kf_ok, other=0)
+        else:
+            src = kf
+        xt = tl.load(x_ptr + offs_m[:, None] * stride_x + src[None, :], mask=m_ok[:, None] & kf_ok[None, :],
+                     other=0.0).to(tl.float16)
+        words = tl.load(qw_ptr + k[:, :, None] * W + offs_w[None, None, :],
+                        mask=k_ok[:, :, None] & w_ok[None, None, :], other=0)
+        g = (((t * NGI + tl.arange(0, NGI)) * GS_T) // GS)[:, None, None, None]
+        acc1 = _dot_part(acc1, xt, words, g, offs_w, N, G, WS, NB, sc_ptr, zr_ptr, qs_ptr, qz_ptr, ss_ptr,
+                         zs_ptr, CPW, 0, CP1, WBITS, STAT_BITS, BETA2, KT, BW)
+        if CP2 > 0:
+            acc2 = _dot_part(acc2, xt, words, g, offs_w, N, G, WS, NB, sc_ptr, zr_ptr, qs_ptr, qz_ptr, ss_ptr,
+                             zs_ptr, CPW, CP1, CP2, WBITS, STAT_BITS, BETA2, KT, BW)
+    _finish(acc1, offs_m, m_ok, pid_w * BW, x_ptr, stride_x, rp_ptr, oc_ptr, od_ptr, bias_ptr, out_ptr, stride_o, N,
+            CPW, 0, CP1, BW, HAS_OUTLIERS, HAS_BIAS)
+    if CP2 > 0:
+        _finish(acc2, offs_m, m_ok, pid_w * BW, x_ptr, stride_x, rp_ptr, oc_ptr, od_ptr, bias_ptr, out_ptr, stride_o,
+                N, CPW, CP1, CP2, BW, HAS_OUTLIERS, HAS_BIAS)
 
 
-def spqr_matmul(
-    x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None = None,
-    config: tuple[int, int, int, int] | None = None,
-) -> torch.Tensor:
-    """``x @ W.T + bias`` for ``x`` of shape ``[M, K]`` (any M >= 1); returns ``[M, N]`` in x's dtype.
+def pick_config(m: int, n: int, pw: PackedWeight) -> tuple[int, int, int, int]:
+    """``(BM, BW, NGI, num_warps)``: tensor-core tiles of >= 16 x 16 per dot part, 64 columns of K per step."""
+    bm = 16 if m <= 16 else 32 if m <= 32 else 64
+    cp1, cp2 = split_slots(32 // pw.wbits)
+    bw = max(8, 16 // cp1, 16 // cp2 if cp2 else 1)  # every dot part needs >= 16 output columns
+    gs_t = tile_k(pw.groupsize)
+    ngi = max(1, 64 // gs_t)
+    return bm, bw, ngi, 4
 
-    ``config``: optional ``(BLOCK_M, BLOCK_N, num_warps, num_stages)`` overriding the per-shape choice.
+
+def spqr_matmul(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None = None,
+                config: tuple[int, int, int, int] | None = None) -> torch.Tensor:
+    """``X @ W.T + bias`` for ``X`` of shape ``[M, K]`` (fp16/bf16); returns ``[M, N]`` in X's dtype.
+
+    ``config``: optional ``(BM, BW, NGI, num_warps)`` overriding ``pick_config`` (for tuning).
     """
     n, k = pw.out_features, pw.in_features
     if x.dim() != 2 or x.shape[1] != k:
         raise ValueError(f"spqr_matmul expects x of shape [M, {k}], got {tuple(x.shape)}")
     if x.device != pw.tensors["qweight"].device:
         raise ValueError(f"x is on {x.device} but the weight is on {pw.tensors['qweight'].device}")
-    x = x.contiguous()
     m = x.shape[0]
+    x = x.contiguous()
     t = pw.tensors
-    gb, gs_t = tile_k(pw.groupsize)
-    block_m, block_n, num_warps, num_stages = config or pick_config(m, n)
+    cpw = 32 // pw.wbits
+    cp1, cp2 = split_slots(cpw)
+    words = t["qweight"].shape[1]
+    gs_t = tile_k(pw.groupsize)
+    bm, bw, ngi, warps = config or pick_config(m, n, pw)
     rt = prepare(pw)
     out = torch.empty(m, n, device=x.device, dtype=x.dtype)
-    if m == 0:
-        return out
     dummy = t["qweight"]
-    perm = t.get("perm")
-    grid = (triton.cdiv(m, block_m) * triton.cdiv(n, block_n),)
-    _prefill_kernel[grid](
-        x, perm if perm is not None else dummy, t["qweight"],
-        t.get("scales", dummy), t.get("zeros", dummy), t.get("qscale", dummy), t.get("qzero", dummy),
-        t.get("scale_stats", dummy), t.get("zero_stats", dummy),
+    grid = (triton.cdiv(words, bw), triton.cdiv(m, bm))
+    _matmul_kernel[grid](
+        x, t.get("perm", dummy), t["qweight"], *stat_args(pw, dummy),
         rt["row_ptr"], rt.get("outlier_col", dummy), rt.get("outlier_delta", dummy),
         bias if bias is not None else dummy, out,
-        m, n, k, pw.num_groups, triton.cdiv(n, max(pw.beta2, 1)), max(pw.beta2, 1), x.stride(0), out.stride(0),
-        WBITS=pw.wbits, GS=pw.groupsize, GB=gb, GS_T=gs_t, STAT_BITS=pw.stat_bits,
-        HAS_PERM=perm is not None, HAS_OUTLIERS=pw.nnz > 0, HAS_BIAS=bias is not None,
-        BLOCK_M=block_m, BLOCK_N=block_n, GROUP_M=8, num_warps=num_warps, num_stages=num_stages,
+        m, n, k, words, t["qscale"].shape[1] if "qscale" in t else 1, pw.num_groups,
+        triton.cdiv(n, max(pw.beta2, 1)), x.stride(0), out.stride(0),
+        WBITS=pw.wbits, CPW=cpw, CP1=cp1, CP2=cp2, GS=pw.groupsize, GS_T=gs_t, NGI=ngi, BW=bw, BM=bm,
+        STAT_BITS=pw.stat_bits, BETA2=max(pw.beta2, 1),
+        HAS_PERM="perm" in t, HAS_OUTLIERS=pw.nnz > 0, HAS_BIAS=bias is not None,
+        num_warps=warps,
     )
     return out

@@ -1,171 +1,189 @@
-"""Decode kernel: fused dequantize + matrix-vector product for 1..16 tokens, reading each packed word once.
+"""Decode kernel: ``y = W x`` for one token, fused dequantize + matvec + outliers + bias, one launch.
 
-Why it is shaped this way (batch-1 decode is memory-bound, but unpacking integers can become the bottleneck):
+Batch-1 decode is memory-bound: the kernel must keep many bytes in flight and spend few instructions per weight.
 
-- Codes are packed ``cpw = 32 // wbits`` per int32 along K, and groups have ``gs`` columns; for 3-bit codes
-  (``cpw = 10``) and ``gs = 16`` a group straddles words. The kernel therefore walks K in *superblocks* of
-  ``lcm(cpw, gs)`` codes (80 for w3/g16: 8 words, 5 groups) and fully unrolls them, so every word is loaded once
-  per column, every code is extracted with a compile-time shift and every group boundary is known statically.
-- Stats are applied per group, not per weight: ``y[n] += s[n,g] * (sum_j q[n,j] x[j] - z[n,g] * sum_j x[j])``,
-  so the per-weight work is shift, mask, int->float and one FMA per token. The int->float conversion uses the
-  2^23 magic-number trick (or-in the exponent, subtract 2^23), which runs on the FP32 pipes instead of the slow
-  conversion unit.
-- ``x`` is gathered into the permuted column order once per call (``index_select``), then read with scalar
-  loads (one per code, shared by every column a thread owns).
-- Split-K gives enough programs to fill the GPU on short-N layers; the fp32 partial sums are reduced by the
-  epilogue kernel in ``outliers.py``, which also adds the outliers, the bias and casts: 2-3 launches per linear.
-
-Layer configurations whose superblock would be too long to unroll (e.g. 3-bit with groups of 128, or per-channel
-stats) are not handled here; ``ops.spqr_linear`` sends them to the tensor-core kernel of ``matmul.py``.
+- Codes are packed along N (layout.py), so each iteration loads a plain ``[NGI, GS_T, BW]`` tile of int32
+  words (coalesced, several KB per program) and decodes ``cpw`` output rows from every word with compile-time
+  shifts; per weight that is a shift, a mask/or, one fp32 subtract (2^23 magic number instead of the slow
+  int->float unit), one FMA to dequantize (``q * s - z * s``) and one FMA to accumulate.
+- Statistics are decoded once per (group, row) and broadcast over the group's columns; the activations are read
+  through the permutation once per column (``x[perm[k]]``), so the weight is never un-permuted.
+- Split-K gives every layer enough programs to fill the GPU. The pieces are summed with fp32 atomics into a
+  per-layer scratch row; the last program of a row block (an atomic ticket) reads the sum back while zeroing it,
+  adds the bias and stores the result. The scratch therefore returns to zero after every call and no memset or
+  epilogue launch is needed (one launch per linear; concurrent calls on one layer from two streams would race).
+- The outliers of the program's rows are added by the split programs in turn (row-wise CSR, strided by the
+  split index) from the runtime residuals of ``outliers.prepare`` (outlier value minus the dense decode).
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 import triton
 import triton.language as tl
 
+from .dequant import group_stats, slot_bits, split_slots, stat_args, tile_k, word_stats
 from .layout import PackedWeight
-from .outliers import outlier_epilogue
+from .outliers import prepare
 
-MAX_BATCH = 16
-MAX_SUPERBLOCK = 160  # codes; longer superblocks would unroll into very large kernels
-
-
-@triton.jit
-def load_stats(g, offs_n, mask, N, G, NB, beta2, sc_ptr, zr_ptr, qs_ptr, qz_ptr, ss_ptr, zs_ptr,
-               STAT_BITS: tl.constexpr):
-    """fp32 (scale, zero) of group ``g`` for output rows ``offs_n`` (any broadcastable shapes), 0 where masked."""
-    m = mask & (offs_n * 0 + g < G)  # tensor-shaped: the interpreter rejects scalar-bool masks
-    if STAT_BITS == 16:
-        s = tl.load(sc_ptr + g * N + offs_n, mask=m, other=0.0).to(tl.float32)
-        z = tl.load(zr_ptr + g * N + offs_n, mask=m, other=0.0).to(tl.float32)
-    else:
-        CPS: tl.constexpr = 32 // STAT_BITS
-        SMASK: tl.constexpr = (1 << STAT_BITS) - 1
-        word_off = (g // CPS) * N + offs_n
-        shift = (g % CPS) * STAT_BITS
-        sc = ((tl.load(qs_ptr + word_off, mask=m, other=0) >> shift) & SMASK).to(tl.float32)
-        zc = ((tl.load(qz_ptr + word_off, mask=m, other=0) >> shift) & SMASK).to(tl.float32)
-        st = g * NB + offs_n // beta2
-        second = G * NB  # offset of the "zero" plane of scale_stats / zero_stats ([2, G, NB])
-        s = tl.load(ss_ptr + st, mask=m, other=0.0).to(tl.float32) * (
-            sc - tl.load(ss_ptr + second + st, mask=m, other=0.0).to(tl.float32))
-        z = tl.load(zs_ptr + st, mask=m, other=0.0).to(tl.float32) * (
-            zc - tl.load(zs_ptr + second + st, mask=m, other=0.0).to(tl.float32))
-    return s, z
+NUM_SMS_GUESS = 132
 
 
 @triton.jit
-def code_to_float(word, SHIFT: tl.constexpr, WBITS: tl.constexpr):
-    """Extract the code at bit ``SHIFT`` of int32 ``word`` as fp32 via the 2^23 magic number (exact for <23 bits)."""
-    MASK: tl.constexpr = (1 << WBITS) - 1
-    bits = ((word >> SHIFT) & MASK) | 0x4B000000
-    return bits.to(tl.float32, bitcast=True) - 8388608.0
+def _outliers_part(total, n, n_ok, x_ptr, rp_ptr, oc_ptr, od_ptr, pid_k, SPLIT):
+    """``total[w, c] += sum_i delta_i * x[col_i]`` over this split's share of row ``n``'s outliers."""
+    start = tl.load(rp_ptr + n, mask=n_ok, other=0)
+    cnt = tl.load(rp_ptr + n + 1, mask=n_ok, other=0) - start
+    longest = tl.max(tl.max(cnt, axis=1), axis=0)
+    for j in range(pid_k, longest, SPLIT):
+        live = j < cnt
+        col = tl.load(oc_ptr + start + j, mask=live, other=0)
+        d = tl.load(od_ptr + start + j, mask=live, other=0.0)
+        total += d * tl.load(x_ptr + col, mask=live, other=0.0).to(tl.float32)
+    return total
 
 
 @triton.jit
-def _decode_kernel(
-    x_ptr, qw_ptr, sc_ptr, zr_ptr, qs_ptr, qz_ptr, ss_ptr, zs_ptr, part_ptr,
-    B, N, K, G, NB, beta2, stride_x, sb_per_split, num_sb,
-    WBITS: tl.constexpr, GS: tl.constexpr, SB_WORDS: tl.constexpr, STAT_BITS: tl.constexpr,
-    BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr,
+def _finish_part(total, n, n_ok, acc_ptr, out_ptr, bias_ptr, is_last, HAS_BIAS: tl.constexpr,
+                 SPLIT_K: tl.constexpr):
+    if SPLIT_K:  # read the sum at L2 (an atomic, so no stale cache line), then leave the scratch at zero
+        total = tl.atomic_add(acc_ptr + n, tl.zeros_like(total), mask=n_ok & is_last)
+        tl.store(acc_ptr + n, tl.zeros_like(total), mask=n_ok & is_last)
+    if HAS_BIAS:
+        total += tl.load(bias_ptr + n, mask=n_ok, other=0.0).to(tl.float32)
+    tl.store(out_ptr + n, total.to(out_ptr.dtype.element_ty), mask=n_ok & is_last)
+
+
+@triton.jit
+def _matvec_kernel(
+    x_ptr, perm_ptr, qw_ptr, sc_ptr, zr_ptr, qs_ptr, qz_ptr, ss_ptr, zs_ptr,
+    rp_ptr, oc_ptr, od_ptr, bias_ptr, acc_ptr, cnt_ptr, out_ptr,
+    N, K, W, WS, G, NB, tiles_per_split, num_tiles, SPLIT,
+    WBITS: tl.constexpr, CPW: tl.constexpr, CP1: tl.constexpr, CP2: tl.constexpr,
+    GS: tl.constexpr, GS_T: tl.constexpr, BW: tl.constexpr,
+    STAT_BITS: tl.constexpr, BETA2: tl.constexpr, SPLIT_K: tl.constexpr, WORD_STATS: tl.constexpr,
+    HAS_PERM: tl.constexpr, HAS_OUTLIERS: tl.constexpr, HAS_BIAS: tl.constexpr,
 ):
-    CPW: tl.constexpr = 32 // WBITS
-    SB: tl.constexpr = SB_WORDS * CPW
-    GPS: tl.constexpr = SB // GS
-    pid_n = tl.program_id(0)
+    pid_w = tl.program_id(0)
     pid_k = tl.program_id(1)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_n = offs_n < N
-    offs_b = tl.arange(0, BLOCK_B)
-    mask_b = offs_b < B
-    y = tl.zeros([BLOCK_B, BLOCK_N], dtype=tl.float32)
-    sb_start = pid_k * sb_per_split
-    sb_end = tl.minimum(sb_start + sb_per_split, num_sb)
-    for sb in range(sb_start, sb_end):
-        acc = tl.zeros([BLOCK_B, BLOCK_N], dtype=tl.float32)
-        xs = tl.zeros([BLOCK_B], dtype=tl.float32)
-        for wi in tl.static_range(SB_WORDS):
-            widx = sb * SB_WORDS + wi
-            word = tl.load(qw_ptr + widx * N + offs_n, mask=mask_n & (offs_n * 0 + widx * CPW < K), other=0)
-            for c in tl.static_range(CPW):
-                k = sb * SB + wi * CPW + c
-                k_in = offs_b * 0 + k < K
-                xk = tl.load(x_ptr + offs_b * stride_x + k, mask=mask_b & k_in, other=0.0).to(tl.float32)
-                q = code_to_float(word, c * WBITS, WBITS)
-                acc += xk[:, None] * q[None, :]
-                xs += xk
-                if (wi * CPW + c + 1) % GS == 0:
-                    g = sb * GPS + (wi * CPW + c) // GS
-                    s, z = load_stats(g, offs_n, mask_n, N, G, NB, beta2, sc_ptr, zr_ptr, qs_ptr, qz_ptr,
-                                      ss_ptr, zs_ptr, STAT_BITS)
-                    y += s[None, :] * (acc - z[None, :] * xs[:, None])
-                    acc = tl.zeros([BLOCK_B, BLOCK_N], dtype=tl.float32)
-                    xs = tl.zeros([BLOCK_B], dtype=tl.float32)
-    out = part_ptr + (pid_k * B + offs_b[:, None]) * N + offs_n[None, :]
-    tl.store(out, y, mask=mask_b[:, None] & mask_n[None, :])
+    offs_w = (pid_w * BW + tl.arange(0, BW))[:, None]  # [BW, 1]: words keep the layout of the [BW, CP] tiles
+    w_ok = offs_w < W
+    n1 = offs_w * CPW + tl.arange(0, CP1)[None, :]  # [BW, CP1] output rows of slots 0..CP1-1
+    n1_ok = n1 < N
+    n2 = offs_w * CPW + CP1 + tl.arange(0, CP2 if CP2 > 0 else 1)[None, :]
+    n2_ok = (n2 < N) & (CP2 > 0)
+    total1 = tl.zeros([BW, CP1], dtype=tl.float32)
+    total2 = tl.zeros([BW, CP2 if CP2 > 0 else 1], dtype=tl.float32)
+    t_start = pid_k * tiles_per_split
+    t_end = tl.minimum(t_start + tiles_per_split, num_tiles)
+    for t in range(t_start, t_end):  # one k-tile of GS_T permuted columns, all inside group g
+        part1 = tl.zeros([BW, CP1], dtype=tl.float32)
+        part2 = tl.zeros([BW, CP2 if CP2 > 0 else 1], dtype=tl.float32)
+        xs = 0.0
+        for r in tl.static_range(GS_T):  # unrolled: GS_T independent word loads in flight per thread
+            k = t * GS_T + r
+            if HAS_PERM:
+                src = tl.load(perm_ptr + k)
+            else:
+                src = k
+            xk = tl.load(x_ptr + src).to(tl.float32)
+            words = tl.load(qw_ptr + k * W + offs_w, mask=w_ok, other=0)
+            part1 += slot_bits(words, 0, CP1, WBITS) * xk
+            if CP2 > 0:
+                part2 += slot_bits(words, CP1, CP2, WBITS) * xk
+            xs += xk
+        g = (t * GS_T) // GS
+        if WORD_STATS:
+            s1, zs1 = word_stats(g, offs_w, w_ok, N, G, WS, NB, qs_ptr, qz_ptr, ss_ptr, zs_ptr, CPW, 0, CP1,
+                                 STAT_BITS, BETA2)
+        else:
+            s1, zs1 = group_stats(g, n1, n1_ok, N, G, WS, NB, sc_ptr, zr_ptr, qs_ptr, qz_ptr, ss_ptr, zs_ptr,
+                                  STAT_BITS, BETA2)
+        total1 += s1 * part1 - zs1 * xs  # sum_k s (q_k - z) x_k = s sum_k q_k x_k - s z sum_k x_k
+        if CP2 > 0:
+            if WORD_STATS:
+                s2, zs2 = word_stats(g, offs_w, w_ok, N, G, WS, NB, qs_ptr, qz_ptr, ss_ptr, zs_ptr, CPW, CP1,
+                                     CP2, STAT_BITS, BETA2)
+            else:
+                s2, zs2 = group_stats(g, n2, n2_ok, N, G, WS, NB, sc_ptr, zr_ptr, qs_ptr, qz_ptr, ss_ptr,
+                                      zs_ptr, STAT_BITS, BETA2)
+            total2 += s2 * part2 - zs2 * xs
+
+    if HAS_OUTLIERS:
+        total1 = _outliers_part(total1, n1, n1_ok, x_ptr, rp_ptr, oc_ptr, od_ptr, pid_k, SPLIT)
+        if CP2 > 0:
+            total2 = _outliers_part(total2, n2, n2_ok, x_ptr, rp_ptr, oc_ptr, od_ptr, pid_k, SPLIT)
+
+    is_last = tl.full((1,), 1, tl.int32) > 0
+    if SPLIT_K:
+        tl.atomic_add(acc_ptr + n1, total1, mask=n1_ok)
+        if CP2 > 0:
+            tl.atomic_add(acc_ptr + n2, total2, mask=n2_ok)
+        tl.debug_barrier()  # every thread's partial sums are in before this program takes its ticket
+        ticket_ptr = cnt_ptr + pid_w + tl.zeros((1,), tl.int32)
+        is_last = tl.atomic_add(ticket_ptr, 1) == SPLIT - 1
+    _finish_part(total1, n1, n1_ok, acc_ptr, out_ptr, bias_ptr, is_last, HAS_BIAS, SPLIT_K)
+    if CP2 > 0:
+        _finish_part(total2, n2, n2_ok, acc_ptr, out_ptr, bias_ptr, is_last, HAS_BIAS, SPLIT_K)
+    if SPLIT_K:
+        tl.store(ticket_ptr, 0, mask=is_last)  # the scratch is clean for the next call
 
 
-def superblock_codes(pw: PackedWeight) -> int:
-    """Codes per unrolled superblock: the shortest run that starts on a word and ends on a group boundary."""
-    cpw = 32 // pw.wbits
-    return cpw * pw.groupsize // math.gcd(cpw, pw.groupsize)
+def pick_config(n: int, k: int, pw: PackedWeight) -> tuple[int, int, int]:
+    """``(BW, SPLIT, num_warps)`` for a layer: enough programs to fill the GPU, >= 2 k-tiles each."""
+    words = triton.cdiv(n, 32 // pw.wbits)
+    bw = 128 if words >= 128 * 8 else 64
+    tiles = triton.cdiv(k, tile_k(pw.groupsize))
+    blocks = triton.cdiv(words, bw)
+    split = max(1, min(triton.cdiv(4 * NUM_SMS_GUESS, blocks), tiles // 2, 64))
+    return bw, split, 4
 
 
-def supports(pw: PackedWeight) -> bool:
-    """Whether the decode kernel handles this layer configuration (else use the tensor-core kernel)."""
-    return superblock_codes(pw) <= MAX_SUPERBLOCK
+def _scratch(pw: PackedWeight, rt: dict[str, torch.Tensor], blocks: int, device: torch.device) -> tuple:
+    """Per-layer fp32 row accumulator and per-block tickets; zero at rest (the kernel re-zeroes them)."""
+    acc, cnt = rt.get("matvec_acc"), rt.get("matvec_cnt")
+    if acc is None or acc.device != device or cnt.numel() < blocks:
+        rt["matvec_acc"] = acc = torch.zeros(pw.out_features, device=device, dtype=torch.float32)
+        rt["matvec_cnt"] = cnt = torch.zeros(blocks, device=device, dtype=torch.int32)
+    return acc, cnt
 
 
-def pick_config(n: int, k: int, sb_codes: int, batch: int) -> tuple[int, int, int]:
-    """(BLOCK_N, num_warps, split): the best of a small sweep on an H200 at batch 1 (7B and 65B up/gate)."""
-    num_sb = triton.cdiv(k, sb_codes)
-    return 128, 4, max(1, min(8, num_sb // 4))
+def spqr_matvec(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None = None,
+                config: tuple[int, int, int] | None = None) -> torch.Tensor:
+    """``W @ x + bias`` for one token: ``x`` of shape ``[K]`` or ``[1, K]`` (fp16/bf16); returns the same rank.
 
-
-def spqr_matvec(
-    x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None = None,
-    config: tuple[int, int, int] | None = None,
-) -> torch.Tensor:
-    """``x @ W.T + bias`` for ``x`` of shape ``[B, K]`` with ``1 <= B <= 16``; returns ``[B, N]`` in x's dtype.
-
-    ``config``: optional ``(BLOCK_N, num_warps, split)`` to override the per-shape heuristic (for tuning).
+    ``config``: optional ``(BW, SPLIT, num_warps)`` overriding ``pick_config`` (for tuning).
     """
     n, k = pw.out_features, pw.in_features
-    if x.dim() != 2 or x.shape[1] != k:
-        raise ValueError(f"spqr_matvec expects x of shape [B, {k}], got {tuple(x.shape)}")
-    b = x.shape[0]
-    if not 1 <= b <= MAX_BATCH:
-        raise ValueError(f"spqr_matvec handles 1..{MAX_BATCH} tokens, got {b}")
-    if not supports(pw):
-        raise ValueError(f"spqr_matvec cannot unroll {pw.wbits}-bit codes with groups of {pw.groupsize}")
+    if x.shape[-1] != k or x.numel() != k:
+        raise ValueError(f"spqr_matvec expects one token of {k} features, got shape {tuple(x.shape)}")
     if x.device != pw.tensors["qweight"].device:
         raise ValueError(f"x is on {x.device} but the weight is on {pw.tensors['qweight'].device}")
-    x_orig = x.contiguous()  # the outliers index original columns
+    xv = x.reshape(k).contiguous()
     t = pw.tensors
-    perm = t.get("perm")
-    # gather x into the weight's permuted column order once (one small launch) instead of once per code per
-    # program: dependent scalar loads through perm inside the unrolled loop cost registers and latency
-    x = (x.index_select(1, perm) if perm is not None else x).contiguous()
-    sb_codes = superblock_codes(pw)
-    block_n, num_warps, split = config or pick_config(n, k, sb_codes, b)
-    num_sb = triton.cdiv(k, sb_codes)
-    sb_per_split = triton.cdiv(num_sb, split)
-    split = triton.cdiv(num_sb, sb_per_split)
-    partials = torch.empty(split, b, n, device=x.device, dtype=torch.float32)
+    cpw = 32 // pw.wbits
+    cp1, cp2 = split_slots(cpw)
+    words = t["qweight"].shape[1]
+    gs_t = tile_k(pw.groupsize)
+    bw, split, warps = config or pick_config(n, k, pw)
+    num_tiles = triton.cdiv(k, gs_t)
+    per_split = triton.cdiv(num_tiles, split)
+    split = triton.cdiv(num_tiles, per_split)
+    blocks = triton.cdiv(words, bw)
+    rt = prepare(pw)
+    acc, cnt = _scratch(pw, rt, blocks, x.device)
+    out = torch.empty(n, device=x.device, dtype=x.dtype)
     dummy = t["qweight"]
-    _decode_kernel[(triton.cdiv(n, block_n), split)](
-        x, t["qweight"],
-        t.get("scales", dummy), t.get("zeros", dummy), t.get("qscale", dummy), t.get("qzero", dummy),
-        t.get("scale_stats", dummy), t.get("zero_stats", dummy), partials,
-        b, n, k, pw.num_groups, triton.cdiv(n, max(pw.beta2, 1)), max(pw.beta2, 1), x.stride(0),
-        sb_per_split, num_sb,
-        WBITS=pw.wbits, GS=pw.groupsize, SB_WORDS=sb_codes // (32 // pw.wbits), STAT_BITS=pw.stat_bits,
-        BLOCK_B=max(1, triton.next_power_of_2(b)), BLOCK_N=block_n,
-        num_warps=num_warps,
+    _matvec_kernel[(blocks, split)](
+        xv, t.get("perm", dummy), t["qweight"], *stat_args(pw, dummy),
+        rt["row_ptr"], rt.get("outlier_col", dummy), rt.get("outlier_delta", dummy),
+        bias if bias is not None else dummy, acc, cnt, out,
+        n, k, words, t["qscale"].shape[1] if "qscale" in t else 1, pw.num_groups,
+        triton.cdiv(n, max(pw.beta2, 1)), per_split, num_tiles, split,
+        WBITS=pw.wbits, CPW=cpw, CP1=cp1, CP2=cp2, GS=pw.groupsize, GS_T=gs_t, BW=bw,
+        STAT_BITS=pw.stat_bits, BETA2=max(pw.beta2, 1), SPLIT_K=split > 1,
+        WORD_STATS=pw.stat_bits == pw.wbits and 32 // pw.wbits <= max(pw.beta2, 1),
+        HAS_PERM="perm" in t, HAS_OUTLIERS=pw.nnz > 0, HAS_BIAS=bias is not None,
+        num_warps=warps,
     )
-    out = torch.empty(b, n, device=x_orig.device, dtype=x_orig.dtype)
-    return outlier_epilogue(partials, x_orig, pw, bias, out)
+    return out.reshape(x.shape[:-1] + (n,))

@@ -1,7 +1,7 @@
 """``spqr_linear``: the one entry point the runtime calls; picks a kernel by token count, layer config and device.
 
-- CUDA tensors: up to ``DECODE_MAX_TOKENS`` tokens go to the decode kernel (``matvec.py``), more to the
-  tensor-core kernel (``matmul.py``); layer configs the decode kernel cannot unroll also use ``matmul.py``.
+- CUDA tensors: one token goes to the decode kernel (``matvec.py``), more to the tensor-core kernel
+  (``matmul.py``, whose smallest tile is 16 tokens).
 - CPU tensors: the torch reference, or the same Triton kernels when ``TRITON_INTERPRET=1`` is set (that is how
   CI tests the kernels without a GPU).
 - Group sizes that are not a multiple of 16 have no kernel; they fall back to the reference on any device.
@@ -16,9 +16,6 @@ import torch
 from .layout import PackedWeight
 from .reference import linear_reference
 
-# Measured on an H200: above 4 tokens the decode kernel's unrolled loop spills registers and the tensor-core
-# kernel is faster (batch 16, 11008x4096: 0.24 ms vs 4.2 ms).
-DECODE_MAX_TOKENS = 4
 _DTYPES = (torch.float16, torch.bfloat16)
 
 
@@ -59,7 +56,7 @@ def spqr_linear(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None = N
     else:
         from . import matmul, matvec  # imported lazily: triton is only needed on this path
 
-        if tokens <= DECODE_MAX_TOKENS and matvec.supports(pw):
+        if tokens == 1:
             y = matvec.spqr_matvec(x2, pw, bias)
         else:
             y = matmul.spqr_matmul(x2, pw, bias)
