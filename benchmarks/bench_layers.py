@@ -17,7 +17,7 @@ from spqr_cli.bench import bench_layers, llama_shapes, random_packed, render_tab
 
 
 def sweep_decode(shapes, batches, reps: int) -> list[dict]:
-    """Time every (BW, SPLIT, num_warps) of the one-token decode kernel; one row per shape and config."""
+    """Time every (BW, NGI, SPLIT, num_warps) of the one-token decode kernel; one row per shape and config."""
     from spqr_kernels.matvec import pick_config, spqr_matvec
 
     rows = []
@@ -25,8 +25,8 @@ def sweep_decode(shapes, batches, reps: int) -> list[dict]:
         pw = random_packed(n, k)
         x = torch.randn(1, k, device="cuda", dtype=torch.float16)
         auto = pick_config(n, k, pw)
-        configs = {auto} | set(itertools.product((32, 64, 128, 256), (auto[1] // 2 or 1, auto[1], 2 * auto[1]),
-                                                 (2, 4, 8)))
+        configs = {auto} | set(itertools.product((32, 128), (1, 2, 4), (auto[2] // 2 or 1, auto[2], 2 * auto[2]),
+                                                 (4,)))
         for cfg in sorted(configs):
             ms = time_cuda(lambda x=x, cfg=cfg, pw=pw: spqr_matvec(x, pw, config=cfg), 3, reps)
             rows.append({"name": name, "N": n, "K": k, "batch": 1, "config": cfg, "ms": ms, "auto": cfg == auto,

@@ -60,7 +60,7 @@ def _matvec_kernel(
     rp_ptr, oc_ptr, od_ptr, bias_ptr, acc_ptr, cnt_ptr, out_ptr,
     N, K, W, WS, G, NB, tiles_per_split, num_tiles, SPLIT,
     WBITS: tl.constexpr, CPW: tl.constexpr, CP1: tl.constexpr, CP2: tl.constexpr,
-    GS: tl.constexpr, GS_T: tl.constexpr, BW: tl.constexpr,
+    GS: tl.constexpr, GS_T: tl.constexpr, NGI: tl.constexpr, BW: tl.constexpr,
     STAT_BITS: tl.constexpr, BETA2: tl.constexpr, SPLIT_K: tl.constexpr, WORD_STATS: tl.constexpr,
     HAS_PERM: tl.constexpr, HAS_OUTLIERS: tl.constexpr, HAS_BIAS: tl.constexpr,
 ):
@@ -76,38 +76,40 @@ def _matvec_kernel(
     total2 = tl.zeros([BW, CP2 if CP2 > 0 else 1], dtype=tl.float32)
     t_start = pid_k * tiles_per_split
     t_end = tl.minimum(t_start + tiles_per_split, num_tiles)
-    for t in range(t_start, t_end):  # one k-tile of GS_T permuted columns, all inside group g
-        part1 = tl.zeros([BW, CP1], dtype=tl.float32)
-        part2 = tl.zeros([BW, CP2 if CP2 > 0 else 1], dtype=tl.float32)
-        xs = 0.0
-        for r in tl.static_range(GS_T):  # unrolled: GS_T independent word loads in flight per thread
-            k = t * GS_T + r
-            if HAS_PERM:
-                src = tl.load(perm_ptr + k)
-            else:
-                src = k
-            xk = tl.load(x_ptr + src).to(tl.float32)
-            words = tl.load(qw_ptr + k * W + offs_w, mask=w_ok, other=0)
-            part1 += slot_bits(words, 0, CP1, WBITS) * xk
-            if CP2 > 0:
-                part2 += slot_bits(words, CP1, CP2, WBITS) * xk
-            xs += xk
-        g = (t * GS_T) // GS
-        if WORD_STATS:
-            s1, zs1 = word_stats(g, offs_w, w_ok, N, G, WS, NB, qs_ptr, qz_ptr, ss_ptr, zs_ptr, CPW, 0, CP1,
-                                 STAT_BITS, BETA2)
-        else:
-            s1, zs1 = group_stats(g, n1, n1_ok, N, G, WS, NB, sc_ptr, zr_ptr, qs_ptr, qz_ptr, ss_ptr, zs_ptr,
-                                  STAT_BITS, BETA2)
-        total1 += s1 * part1 - zs1 * xs  # sum_k s (q_k - z) x_k = s sum_k q_k x_k - s z sum_k x_k
-        if CP2 > 0:
+    for t in range(t_start, t_end):  # NGI k-tiles of GS_T permuted columns, each inside one group
+        for gi in tl.static_range(NGI):
+            part1 = tl.zeros([BW, CP1], dtype=tl.float32)
+            part2 = tl.zeros([BW, CP2 if CP2 > 0 else 1], dtype=tl.float32)
+            xs = 0.0
+            for r in tl.static_range(GS_T):  # unrolled: NGI * GS_T independent word loads in flight per thread
+                k = (t * NGI + gi) * GS_T + r
+                k_ok = (offs_w * 0 + k) < K
+                if HAS_PERM:  # x is read through the permutation: no gather launch before the kernel
+                    src = tl.load(perm_ptr + k + offs_w * 0, mask=k_ok, other=0)
+                else:
+                    src = k + offs_w * 0
+                xk = tl.load(x_ptr + src, mask=k_ok, other=0.0).to(tl.float32)  # [BW, 1], one address
+                words = tl.load(qw_ptr + k * W + offs_w, mask=w_ok & k_ok, other=0)
+                part1 += slot_bits(words, 0, CP1, WBITS) * xk
+                if CP2 > 0:
+                    part2 += slot_bits(words, CP1, CP2, WBITS) * xk
+                xs += xk
+            g = ((t * NGI + gi) * GS_T) // GS
             if WORD_STATS:
-                s2, zs2 = word_stats(g, offs_w, w_ok, N, G, WS, NB, qs_ptr, qz_ptr, ss_ptr, zs_ptr, CPW, CP1,
-                                     CP2, STAT_BITS, BETA2)
+                s1, zs1 = word_stats(g, offs_w, w_ok, N, G, WS, NB, qs_ptr, qz_ptr, ss_ptr, zs_ptr, CPW, 0, CP1,
+                                     STAT_BITS, BETA2)
             else:
-                s2, zs2 = group_stats(g, n2, n2_ok, N, G, WS, NB, sc_ptr, zr_ptr, qs_ptr, qz_ptr, ss_ptr,
-                                      zs_ptr, STAT_BITS, BETA2)
-            total2 += s2 * part2 - zs2 * xs
+                s1, zs1 = group_stats(g, n1, n1_ok & ((n1 * 0 + g) < G), N, G, WS, NB, sc_ptr, zr_ptr, qs_ptr,
+                                      qz_ptr, ss_ptr, zs_ptr, STAT_BITS, BETA2)
+            total1 += s1 * part1 - zs1 * xs  # sum_k s (q_k - z) x_k = s sum_k q_k x_k - s z sum_k x_k
+            if CP2 > 0:
+                if WORD_STATS:
+                    s2, zs2 = word_stats(g, offs_w, w_ok, N, G, WS, NB, qs_ptr, qz_ptr, ss_ptr, zs_ptr, CPW, CP1,
+                                         CP2, STAT_BITS, BETA2)
+                else:
+                    s2, zs2 = group_stats(g, n2, n2_ok & ((n2 * 0 + g) < G), N, G, WS, NB, sc_ptr, zr_ptr,
+                                          qs_ptr, qz_ptr, ss_ptr, zs_ptr, STAT_BITS, BETA2)
+                total2 += s2 * part2 - zs2 * xs
 
     if HAS_OUTLIERS:
         total1 = _outliers_part(total1, n1, n1_ok, x_ptr, rp_ptr, oc_ptr, od_ptr, pid_k, SPLIT)
@@ -129,14 +131,20 @@ def _matvec_kernel(
         tl.store(ticket_ptr, 0, mask=is_last)  # the scratch is clean for the next call
 
 
-def pick_config(n: int, k: int, pw: PackedWeight) -> tuple[int, int, int]:
-    """``(BW, SPLIT, num_warps)`` for a layer: enough programs to fill the GPU, >= 2 k-tiles each."""
+def pick_config(n: int, k: int, pw: PackedWeight) -> tuple[int, int, int, int]:
+    """``(BW, NGI, SPLIT, num_warps)`` for a layer: ~4 programs per SM, each with >= 2 iterations.
+
+    From sweeps on an H100 (LLaMA-7B/65B shapes, batch 1; benchmarks/bench_layers.py --sweep decode): 4 warps,
+    128 words (1280 rows at 3 bits) per program on wide layers, 32 on narrow ones, one k-tile per iteration (a
+    second one in flight did not help) and as many k-splits as it takes to reach ~6 programs per SM.
+    """
     words = triton.cdiv(n, 32 // pw.wbits)
-    bw = 128 if words >= 128 * 8 else 64
-    tiles = triton.cdiv(k, tile_k(pw.groupsize))
+    bw = 128 if words >= 1024 else 32
+    ngi = 1
+    tiles = triton.cdiv(k, tile_k(pw.groupsize) * ngi)
     blocks = triton.cdiv(words, bw)
-    split = max(1, min(triton.cdiv(4 * NUM_SMS_GUESS, blocks), tiles // 2, 64))
-    return bw, split, 4
+    split = max(1, min(triton.cdiv(6 * NUM_SMS_GUESS, blocks), tiles // 2, 128))
+    return bw, ngi, split, 4
 
 
 def _scratch(pw: PackedWeight, rt: dict[str, torch.Tensor], blocks: int, device: torch.device) -> tuple:
@@ -149,10 +157,10 @@ def _scratch(pw: PackedWeight, rt: dict[str, torch.Tensor], blocks: int, device:
 
 
 def spqr_matvec(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None = None,
-                config: tuple[int, int, int] | None = None) -> torch.Tensor:
+                config: tuple[int, int, int, int] | None = None) -> torch.Tensor:
     """``W @ x + bias`` for one token: ``x`` of shape ``[K]`` or ``[1, K]`` (fp16/bf16); returns the same rank.
 
-    ``config``: optional ``(BW, SPLIT, num_warps)`` overriding ``pick_config`` (for tuning).
+    ``config``: optional ``(BW, NGI, SPLIT, num_warps)`` overriding ``pick_config`` (for tuning).
     """
     n, k = pw.out_features, pw.in_features
     if x.shape[-1] != k or x.numel() != k:
@@ -165,8 +173,8 @@ def spqr_matvec(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None = N
     cp1, cp2 = split_slots(cpw)
     words = t["qweight"].shape[1]
     gs_t = tile_k(pw.groupsize)
-    bw, split, warps = config or pick_config(n, k, pw)
-    num_tiles = triton.cdiv(k, gs_t)
+    bw, ngi, split, warps = config or pick_config(n, k, pw)
+    num_tiles = triton.cdiv(k, gs_t * ngi)
     per_split = triton.cdiv(num_tiles, split)
     split = triton.cdiv(num_tiles, per_split)
     blocks = triton.cdiv(words, bw)
@@ -180,7 +188,7 @@ def spqr_matvec(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None = N
         bias if bias is not None else dummy, acc, cnt, out,
         n, k, words, t["qscale"].shape[1] if "qscale" in t else 1, pw.num_groups,
         triton.cdiv(n, max(pw.beta2, 1)), per_split, num_tiles, split,
-        WBITS=pw.wbits, CPW=cpw, CP1=cp1, CP2=cp2, GS=pw.groupsize, GS_T=gs_t, BW=bw,
+        WBITS=pw.wbits, CPW=cpw, CP1=cp1, CP2=cp2, GS=pw.groupsize, GS_T=gs_t, NGI=ngi, BW=bw,
         STAT_BITS=pw.stat_bits, BETA2=max(pw.beta2, 1), SPLIT_K=split > 1,
         WORD_STATS=pw.stat_bits == pw.wbits and 32 // pw.wbits <= max(pw.beta2, 1),
         HAS_PERM="perm" in t, HAS_OUTLIERS=pw.nnz > 0, HAS_BIAS=bias is not None,

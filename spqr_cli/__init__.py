@@ -23,6 +23,16 @@ _API = {
     "save_calibration": "spqr_cli.calibrate",
     "load_calibration": "spqr_cli.calibrate",
     "run_demo": "spqr_cli.demo",
+    "build_config": "spqr_cli.config",
+    "quantize_model": "spqr_cli.quantize",
+    "QuantizedLayer": "spqr_cli.record",
+    "pack_model": "spqr_cli.pack",
+    "unpack_model": "spqr_cli.pack",
+    "inspect_packed": "spqr_cli.pack",
+    "load_packed": "spqr_cli.runtime",
+    "SpQRLinear": "spqr_cli.runtime",
+    "generate": "spqr_cli.generation",
+    "run_model": "spqr_cli.generation",
 }
 
 

@@ -13,7 +13,7 @@ import sys
 from collections.abc import Iterator
 from enum import Enum
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -99,6 +99,9 @@ def _root(
 DataDirOpt = Annotated[Path | None, typer.Option(
     "--data-dir", help="Directory with local dataset copies (e.g. wikitext2/wiki.test.raw); read before the hub. "
     "Default: $SPQR_DATA_DIR.", show_default=False)]
+VerifyOpt = Annotated[bool, typer.Option(
+    "--verify/--no-verify", help="Check the sha256 of every tensor of a packed checkpoint while loading it.")]
+DeviceOpt = Annotated[Device, typer.Option("--device", help="auto = cuda if available, else cpu.")]
 DatasetHelp = ("wikitext2, ptb, c4, redpajama (calibration only) or file:PATH (a text file, one row per line). "
                "Hub first via `datasets`; offline, local copies from --data-dir / $SPQR_DATA_DIR.")
 
@@ -138,9 +141,256 @@ def calibrate(
                    f"(seed {seed}, sha256 {calib.sha256[:16]})")
 
 
+class Method(str, Enum):
+    spqr = "spqr"
+    gptq = "gptq"
+    rtn = "rtn"
+
+
+class Perm(str, Enum):
+    act_order = "act_order"
+    identity = "identity"
+
+
+@app.command()
+def quantize(
+    model: Annotated[str, typer.Argument(help="Model directory or hub id (LLaMA, Mistral, Qwen2, OPT, Falcon).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output directory (records/, dense/, report.json); "
+                                      "re-running the same command there resumes an interrupted run.")],
+    preset: Annotated[str | None, typer.Option(
+        "--preset", "-p", help="Method preset (see `spqr presets`) or a YAML file. Default: the method's default "
+        "preset (spqr -> spqr-3.9bit, gptq -> gptq-4bit-g128, rtn -> rtn-4bit-g128).", show_default=False)] = None,
+    method: Annotated[Method | None, typer.Option("--method", help="spqr, gptq or rtn. Default: the preset's, "
+                                                  "else spqr.", show_default=False)] = None,
+    wbits: Annotated[int | None, typer.Option("--wbits", help="Weight bits (2..8).", show_default=False)] = None,
+    groupsize: Annotated[int | None, typer.Option(
+        "--groupsize", help="Columns per group (beta1); 0 = per-channel.", show_default=False)] = None,
+    beta2: Annotated[int | None, typer.Option(
+        "--beta2", help="Rows sharing one second-level statistic.", show_default=False)] = None,
+    stat_bits: Annotated[int | None, typer.Option(
+        "--stat-bits", help="Bits of the group scales/zeros; 16 = fp16.", show_default=False)] = None,
+    outlier_threshold: Annotated[float | None, typer.Option(
+        "--outlier-threshold", help="Outlier threshold tau (relative); inf disables outliers.",
+        show_default=False)] = None,
+    perm: Annotated[Perm | None, typer.Option("--perm", help="Column order: act_order or identity.",
+                                              show_default=False)] = None,
+    percdamp: Annotated[float | None, typer.Option(
+        "--percdamp", help="Hessian dampening, relative to its mean diagonal.", show_default=False)] = None,
+    blocksize: Annotated[int | None, typer.Option(
+        "--blocksize", help="Columns per GPTQ update block.", show_default=False)] = None,
+    calib: Annotated[Path | None, typer.Option(
+        "--calib", help="Calibration file from `spqr calibrate` (must match this model's tokenizer).",
+        show_default=False)] = None,
+    dataset: Annotated[str | None, typer.Option(
+        "--dataset", "-d", help=f"Calibrate on the fly from this dataset when no --calib is given (default: "
+        f"wikitext2). {DatasetHelp}", show_default=False)] = None,
+    nsamples: Annotated[int, typer.Option("--nsamples", "-n", min=1, help="Calibration windows (on the fly).")] = 128,
+    seqlen: Annotated[int | None, typer.Option(
+        "--seqlen", "-l", min=2, help="Tokens per calibration window (on the fly). Default: 2048 capped by the "
+        "model's context.", show_default=False)] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the calibration windows (on the fly).")] = 0,
+    data_dir: DataDirOpt = None,
+    device: DeviceOpt = Device.auto,
+    restart: Annotated[bool, typer.Option("--restart", help="Discard a previous run in OUT and start over.")] = False,
+) -> None:
+    """Quantize every linear layer of MODEL with SpQR (or GPTQ / RTN), block by block, into OUT.
+
+    Flags override the preset's values. Without --calib, a calibration set is drawn on the fly (--dataset,
+    --nsamples, --seqlen, --seed) and its manifest is stored with the run. Next: `spqr pack OUT --out PACKED`.
+    """
+    with user_errors():
+        from spqr_cli.config import build_config
+        from spqr_cli.errors import SpQRError
+
+        cfg = build_config(preset, method.value if method else None, wbits=wbits, groupsize=groupsize, beta2=beta2,
+                           stat_bits=stat_bits, outlier_threshold=outlier_threshold,
+                           perm=perm.value if perm else None, percdamp=percdamp, blocksize=blocksize)
+        if calib is not None and dataset is not None:
+            raise SpQRError("--calib and --dataset both given; use --calib FILE or build the set on the fly "
+                            "with --dataset, not both")
+        from spqr_cli.data import settle_hub_mode
+
+        settle_hub_mode(model)
+        from spqr_cli.calibrate import build_calibration_set, load_calibration
+        from spqr_cli.evaluate import default_seqlen
+        from spqr_cli.models import load_config, load_tokenizer
+        from spqr_cli.quantize import quantize_model
+
+        config = load_config(model)
+        tokenizer = load_tokenizer(model)
+        if calib is not None:
+            calib_set = load_calibration(calib, tokenizer)
+        else:
+            calib_set = build_calibration_set(tokenizer, dataset or "wikitext2", nsamples=nsamples,
+                                              seqlen=default_seqlen(config, seqlen), seed=seed, data_dir=data_dir,
+                                              model=model)
+        ids = calib_set.input_ids
+        console().print(f"quantizing [bold]{model}[/] with {cfg.method} ({_config_line(cfg)}) on "
+                        f"{ids.shape[0]} x {ids.shape[1]} calibration tokens from "
+                        f"{calib_set.manifest.get('source', calib)}")
+        with quant_progress() as progress:
+            report = quantize_model(model, cfg, out, ids, calib_set.manifest, device=device.value, restart=restart,
+                                    progress=progress)
+        _print_quant_report(report, out)
+
+
+def _config_line(cfg) -> str:
+    parts = [f"wbits={cfg.wbits}", f"groupsize={cfg.groupsize}"]
+    if cfg.method == "spqr":
+        parts += [f"beta2={cfg.beta2}", f"stat_bits={cfg.stat_bits}", f"tau={cfg.outlier_threshold:g}"]
+    if cfg.method != "rtn":
+        parts.append(f"perm={cfg.perm}")
+    return ", ".join(parts)
+
+
+@contextlib.contextmanager
+def quant_progress(console_: Any = None) -> Iterator:
+    """A rich progress bar over decoder blocks (current layer, elapsed, ETA) fed by quantize_model's callback.
+
+    Yields the callback ``progress(stage, done, total, detail)``. Also used by the demo.
+    """
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    columns = (TextColumn("[bold]{task.fields[stage]}[/]"), BarColumn(), MofNCompleteColumn(), TextColumn("blocks"),
+               TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), TextColumn("{task.description}"))
+    with Progress(*columns, console=console_ or Console(stderr=True), transient=True) as bar:
+        task = bar.add_task("", total=None, stage="quantize")
+
+        def update(stage: str, done: int, total: int, detail: str) -> None:
+            bar.update(task, completed=done, total=total, description=detail, stage=stage)
+
+        yield update
+
+
+# Above this many layers the table shows one row per decoder block instead of one per layer.
+MAX_LAYER_ROWS = 64
+
+
+def _print_quant_report(report, out: Path) -> None:
+    """Per-layer (or per-block, for deep models) errors, outliers, bits and time, then the totals."""
+    from rich.table import Table
+
+    rows = report.layers
+    per_block = len(rows) > MAX_LAYER_ROWS
+    if per_block:  # group "model.layers.12.mlp.up_proj" under "model.layers.12"
+        groups: dict[str, list] = {}
+        for r in rows:
+            groups.setdefault(".".join(r.name.split(".")[:3]), []).append(r)
+    else:
+        groups = {r.name: [r] for r in rows}
+    table = Table(title="quantized layers" + (" (per block, parameter-weighted)" if per_block else ""))
+    for col in ("block" if per_block else "layer", "shape" if not per_block else "layers", "rel error",
+                "outlier %", "bits", "seconds"):
+        table.add_column(col, justify="left" if col in ("layer", "block") else "right",
+                         overflow="fold" if col in ("layer", "block") else "ellipsis")
+    for name, rs in groups.items():
+        params = [r.shape[0] * r.shape[1] for r in rs]
+        total = sum(params)
+
+        def avg(attr: str, rs=rs, params=params, total=total) -> float:
+            return sum(getattr(r, attr) * p for r, p in zip(rs, params, strict=True)) / total
+
+        shape = str(len(rs)) if per_block else f"{rs[0].shape[0]}x{rs[0].shape[1]}"
+        table.add_row(name, shape, f"{avg('rel_error'):.4f}", f"{avg('outlier_pct'):.2f}", f"{avg('bits'):.3f}",
+                      f"{sum(r.seconds for r in rs):.1f}")
+    totals = Table(title="totals", show_header=False)
+    totals.add_column("item")
+    totals.add_column("value", justify="right")
+    totals.add_row("layers", str(len(rows)) + (f" ({report.resumed_from_block} blocks resumed)"
+                                               if report.resumed_from_block else ""))
+    totals.add_row("average bits (formula)", f"{report.avg_bits:.3f}")
+    totals.add_row("outliers", f"{report.outlier_pct:.3f} %")
+    totals.add_row("wall time", f"{report.wall_seconds:.1f} s on {report.device}")
+    device_mem = f", {report.device} {report.peak_device_mb:.0f} MB" if report.device.startswith("cuda") else ""
+    totals.add_row("peak memory", f"host {report.peak_host_mb:.0f} MB{device_mem}")
+    c = console()
+    c.print(table)
+    c.print(totals)
+    typer.echo(f"wrote {out / 'report.json'}; next: spqr pack {out} --out PACKED")
+
+
+@app.command()
+def pack(
+    quant_dir: Annotated[Path, typer.Argument(help="Output directory of `spqr quantize` (quant_config.json, records/, "
+                                              "dense/).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Packed checkpoint directory to write.")],
+    shard_size: Annotated[int, typer.Option("--shard-size", min=1, help="Maximum shard size in MB.")] = 2048,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace OUT if it exists and is not empty.")] = False,
+) -> None:
+    """Pack quantized layers into one checkpoint: bit-packed codes, packed statistics, CSR outliers, fp16 rest.
+
+    The result loads with `spqr run`, `spqr eval` and `spqr_cli.load_packed`; `spqr inspect` shows its sizes.
+    """
+    with user_errors():
+        from spqr_cli.pack import inspect_packed, pack_model
+
+        summary = pack_model(quant_dir, out, shard_size_mb=shard_size, overwrite=overwrite)
+        t = inspect_packed(out, verify=False)["totals"]
+        typer.echo(f"wrote {out}: {summary['layers']} quantized layers in {len(summary['shards'])} shard(s), "
+                   f"{t['disk_bytes'] / 2**20:.2f} MiB ({t['quantized_bits_measured']:.3f} bits/param in quantized "
+                   f"layers, {t['bits_per_param']:.3f} overall, {t['compression_ratio']:.2f}x smaller than fp16)")
+
+
+@app.command()
+def unpack(
+    packed_dir: Annotated[Path, typer.Argument(help="Packed checkpoint directory (`spqr pack` output).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Dense checkpoint directory to write.")],
+    verify: VerifyOpt = True,
+    shard_size: Annotated[int, typer.Option("--shard-size", min=1, help="Maximum shard size in MB.")] = 2048,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace OUT if it exists and is not empty.")] = False,
+) -> None:
+    """Write a dense fp16 checkpoint that plain transformers loads, bit-exact with the quantizer's weights."""
+    with user_errors():
+        from spqr_cli.pack import unpack_model
+
+        summary = unpack_model(packed_dir, out, verify=verify, overwrite=overwrite, shard_size_mb=shard_size)
+        typer.echo(f"wrote {out}: {summary['tensors']} tensors in {len(summary['shards'])} shard(s)")
+
+
+@app.command()
+def inspect(
+    packed_dir: Annotated[Path, typer.Argument(help="Packed checkpoint directory (`spqr pack` output).")],
+    verify: VerifyOpt = True,
+    json_path: Annotated[Path | None, typer.Option("--json", help="Also write the result as JSON here ('-' prints "
+                                                   "only the JSON, to stdout).", show_default=False)] = None,
+) -> None:
+    """Sizes, bits/param and checksums of a packed checkpoint, per layer and in total.
+
+    Per layer: shape, bits/param measured from the bytes on disk and by the formula, outlier %, checksum status.
+    Totals: size on disk, compression vs fp16. Exits with code 2 if a checksum fails.
+    """
+    with user_errors():
+        import json
+
+        from spqr_cli.errors import SpQRError
+        from spqr_cli.evaluate import write_json
+        from spqr_cli.pack import inspect_packed, render_inspect
+
+        result = inspect_packed(packed_dir, verify=verify)
+        if json_path is not None and str(json_path) == "-":
+            typer.echo(json.dumps(result, indent=1))
+        else:
+            render_inspect(result, console())
+            if json_path is not None:
+                write_json(result, json_path)
+                typer.echo(f"wrote {json_path}")
+        if result["failed"]:
+            raise SpQRError(f"{len(result['failed'])} tensors fail their checksum (first: {result['failed'][0]}); "
+                            "the checkpoint is corrupted: re-pack it or copy it again")
+
+
 @app.command("eval")
 def eval_(
-    model: Annotated[str, typer.Argument(help="Model directory or hub id.")],
+    model: Annotated[str, typer.Argument(help="Model directory, hub id, `spqr quantize` output directory (its dense/ "
+                                         "checkpoint) or `spqr pack` directory.")],
     dataset: Annotated[str, typer.Option("--dataset", "-d", help=DatasetHelp)] = "wikitext2",
     data_dir: DataDirOpt = None,
     seqlen: Annotated[int | None, typer.Option(
@@ -152,10 +402,11 @@ def eval_(
     dtype: Annotated[DType, typer.Option(
         "--dtype", help="Weight dtype. On CPU, fp16 weights are computed in fp32 (same values; CPU fp16 "
         "matmuls are slow).")] = DType.fp16,
-    device: Annotated[Device, typer.Option("--device", help="auto = cuda if available, else cpu.")] = Device.auto,
+    device: DeviceOpt = Device.auto,
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Windows per forward pass.")] = 1,
     json_path: Annotated[Path | None, typer.Option("--json", help="Also write the result as JSON here.",
                                                    show_default=False)] = None,
+    verify: VerifyOpt = True,
 ) -> None:
     """Perplexity on a dataset's test text: rows joined with blank lines, tokenized once, non-overlapping
     SEQLEN windows, exp(mean token NLL)."""
@@ -168,7 +419,8 @@ def eval_(
         from spqr_cli.evaluate import evaluate_path, write_json
 
         result = evaluate_path(model, dataset, dtype=dtype.value, device=device.value, seqlen=seqlen,
-                               max_windows=max_windows, batch_size=batch_size, data_dir=data_dir, progress=True)
+                               max_windows=max_windows, batch_size=batch_size, data_dir=data_dir, progress=True,
+                               verify=verify)
         table = Table(title=f"perplexity of {model}")
         for col in ("dataset", "windows x seqlen", "dtype", "device", "time", "perplexity"):
             table.add_column(col, justify="right" if col in ("perplexity", "time") else "left", overflow="fold")
@@ -181,12 +433,85 @@ def eval_(
 
 
 @app.command()
+def run(
+    model: Annotated[str, typer.Argument(help="Packed checkpoint (`spqr pack` output), quantization output or "
+                                         "dense model directory / hub id.")],
+    prompt: Annotated[str, typer.Option("--prompt", "-p", help="Text to continue.")],
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n", min=1,
+                                                help="Tokens to generate at most.")] = 64,
+    sample: Annotated[bool, typer.Option("--sample/--greedy", help="Sample (temperature, top-p, top-k) or take the "
+                                         "most likely token.")] = False,
+    temperature: Annotated[float, typer.Option("--temperature", help="Sampling temperature.")] = 0.8,
+    top_p: Annotated[float, typer.Option("--top-p", help="Nucleus sampling mass.")] = 0.95,
+    top_k: Annotated[int, typer.Option("--top-k", help="Sample among the K most likely tokens.")] = 50,
+    seed: Annotated[int, typer.Option("--seed", help="Sampling seed.")] = 0,
+    device: DeviceOpt = Device.auto,
+    verify: VerifyOpt = True,
+) -> None:
+    """Generate text from a prompt, streamed to stdout as it is produced; speed and device go to stderr."""
+    with user_errors():
+        from spqr_cli.generation import run_model
+
+        def emit(text: str) -> None:
+            sys.stdout.write(text)
+            sys.stdout.flush()
+
+        result = run_model(model, prompt, device=device.value, verify=verify, on_text=emit,
+                           max_new_tokens=max_new_tokens, do_sample=sample, temperature=temperature, top_p=top_p,
+                           top_k=top_k, seed=seed)
+        if not result.text.endswith("\n"):
+            emit("\n")
+        typer.echo(f"{result.new_tokens} tokens, {result.tokens_per_second:.1f} tokens/s, prefill "
+                   f"{result.prefill_seconds * 1000:.0f} ms, device {result.device}", err=True)
+
+
+@app.command()
+def bench(
+    models: Annotated[str, typer.Option("--models", help="Comma-separated LLaMA sizes whose layer shapes are timed.")]
+    = "7b,13b,33b,65b",
+    batches: Annotated[str, typer.Option("--batches", help="Comma-separated batch sizes (tokens per matmul).")]
+    = "1,4,16,256",
+    reps: Annotated[int, typer.Option("--reps", min=1, help="Timed runs per point (median reported).")] = 50,
+    json_path: Annotated[Path | None, typer.Option("--json", help="Also write the rows and environment as JSON here.",
+                                                   show_default=False)] = None,
+) -> None:
+    """Layer speed on GPU: fp16 cuBLAS vs the SpQR Triton kernel on LLaMA layer shapes (needs CUDA)."""
+    with user_errors():
+        import torch
+
+        from spqr_cli.errors import SpQRError
+
+        if not torch.cuda.is_available():
+            raise SpQRError("spqr bench needs a CUDA GPU; run it on a machine with one (it times the Triton "
+                            "kernels against cuBLAS)")
+        from spqr_cli.bench import LLAMA_DIMS, bench_layers, llama_shapes, render_table, write_json
+
+        names = [m.strip().upper() for m in models.split(",") if m.strip()]
+        unknown = [m for m in names if m not in LLAMA_DIMS]
+        if unknown or not names:
+            raise SpQRError(f"unknown model size {', '.join(unknown) or models!r}; choose from "
+                            f"{', '.join(k.lower() for k in LLAMA_DIMS)}")
+        try:
+            batch_list = [int(b) for b in batches.split(",") if b.strip()]
+        except ValueError:
+            raise SpQRError(f"--batches {batches!r} must be comma-separated integers, e.g. 1,4,16") from None
+        if not batch_list or min(batch_list) < 1:
+            raise SpQRError("--batches needs positive integers, e.g. 1,4,16")
+        rows = bench_layers(llama_shapes(names), batch_list, reps=reps)
+        console().print(render_table(rows))
+        if json_path is not None:
+            write_json(rows, str(json_path), {"models": names, "batches": batch_list, "reps": reps})
+            typer.echo(f"wrote {json_path}")
+
+
+@app.command()
 def demo(
     out: Annotated[Path | None, typer.Option(
         "--out", "-o", help="Keep the demo's artifacts in this directory. Default: a temporary directory.",
         show_default=False)] = None,
 ) -> None:
-    """Run the available pipeline offline on the embedded docs-llama-3m model (about a minute on a CPU)."""
+    """The whole pipeline offline on the embedded docs-llama-3m model: calibrate, eval fp16, quantize, pack, eval
+    packed, generate; prints a summary (perplexities, bits, sizes, a sample). About 10-20 s on a 2-core CPU."""
     with user_errors():
         from spqr_cli.demo import run_demo
 

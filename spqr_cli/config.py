@@ -14,7 +14,16 @@ from typing import Any
 
 import yaml
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+def _config_dir() -> Path:
+    """Where the presets live: ``spqr_cli/configs`` in a wheel (pyproject maps the top-level ``configs/`` there),
+    the repository's top-level ``configs/`` in a source checkout or editable install."""
+    here = Path(__file__).resolve().parent
+    packaged = here / "configs"
+    return packaged if packaged.is_dir() else here.parent / "configs"
+
+
+CONFIG_DIR = _config_dir()
 METHODS = ("spqr", "gptq", "rtn")
 PERMS = ("act_order", "identity")
 

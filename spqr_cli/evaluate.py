@@ -2,7 +2,7 @@
 
 ``evaluate_perplexity`` takes an already-loaded model, so any module that maps input ids to logits
 (a dense HF model, a packed one) is measured the same way; ``load_any_model`` is the one place that turns a
-path into such a model.
+path (hub id, HF directory, quantization output, packed checkpoint) into such a model.
 """
 
 from __future__ import annotations
@@ -21,7 +21,14 @@ from torch import nn
 
 from spqr_cli.data import test_windows
 from spqr_cli.errors import SpQRError
-from spqr_cli.models import load_config, load_model, load_tokenizer, model_max_length, resolve_device
+from spqr_cli.models import (
+    load_config,
+    load_model,
+    load_tokenizer,
+    model_max_length,
+    resolve_device,
+    resolve_dtype,
+)
 
 DEFAULT_SEQLEN = 2048
 
@@ -43,15 +50,40 @@ class PerplexityResult:
         return asdict(self)
 
 
-def load_any_model(path: str, dtype: str = "fp16", device: str = "auto") -> tuple[nn.Module, Any]:
-    """Load the model and tokenizer at ``path`` (hub id or local HF directory) for evaluation.
+def model_kind(path: str) -> tuple[str, str]:
+    """What ``path`` holds and where its HF files are: ``("packed", path)`` for a ``spqr pack`` directory,
+    ``("quant", path/dense)`` for a ``spqr quantize`` output (its dequantized checkpoint), else ``("dense", path)``.
+    """
+    p = Path(path)
+    if (p / "spqr_config.json").is_file():
+        return "packed", path
+    if (p / "quant_config.json").is_file():
+        if not (p / "dense" / "config.json").is_file():
+            raise SpQRError(f"{path} is an unfinished quantization run (no dense/ checkpoint yet); "
+                            "re-run the same `spqr quantize` command to resume it")
+        return "quant", str(p / "dense")
+    return "dense", path
 
-    On CPU, fp16 weights are loaded as fp16 and then computed in fp32: the values are exactly the fp16 ones,
-    but CPU fp16 matmuls are slow or missing. bf16 and fp32 run as asked.
+
+def load_any_model(path: str, dtype: str = "fp16", device: str = "auto", verify: bool = True) -> tuple[nn.Module, Any]:
+    """Load the model and tokenizer at ``path`` for evaluation or generation.
+
+    ``path`` is a hub id, a local HF directory, a ``spqr quantize`` output directory (its ``dense/``
+    checkpoint) or a ``spqr pack`` directory (loaded with ``load_packed``; ``verify`` checks its tensors'
+    checksums). On CPU, fp16 weights are computed in fp32: the values are exactly the fp16 ones, but CPU fp16
+    matmuls are slow or missing. bf16 and fp32 run as asked.
     """
     dev = resolve_device(device)
-    tokenizer = load_tokenizer(path)
-    model = load_model(path, dtype=dtype, device="cpu")
+    kind, hf_path = model_kind(path)
+    tokenizer = load_tokenizer(hf_path)
+    if kind == "packed":
+        from spqr_cli.runtime import load_packed
+
+        torch_dtype = resolve_dtype(dtype)
+        if dev.type == "cpu" and torch_dtype == torch.float16:
+            torch_dtype = torch.float32
+        return load_packed(hf_path, device=dev, dtype=torch_dtype, verify=verify), tokenizer
+    model = load_model(hf_path, dtype=dtype, device="cpu")
     if dev.type == "cpu" and next(model.parameters()).dtype == torch.float16:
         model = model.float()
     return model.to(dev), tokenizer
@@ -136,11 +168,12 @@ def evaluate_perplexity(model: nn.Module, tokenizer: Any, dataset: str, seqlen: 
 
 def evaluate_path(path: str, dataset: str, dtype: str = "fp16", device: str = "auto", seqlen: int | None = None,
                   max_windows: int | None = None, batch_size: int = 1, data_dir: str | os.PathLike | None = None,
-                  progress: bool = False) -> PerplexityResult:
-    """Load the model at ``path`` and measure its perplexity (checks --seqlen before loading the weights)."""
+                  progress: bool = False, verify: bool = True) -> PerplexityResult:
+    """Load the model at ``path`` (see ``load_any_model``) and measure its perplexity (checks --seqlen before
+    loading the weights)."""
     if seqlen is not None:
-        default_seqlen(load_config(path), seqlen)
-    model, tokenizer = load_any_model(path, dtype, device)
+        default_seqlen(load_config(model_kind(path)[1]), seqlen)
+    model, tokenizer = load_any_model(path, dtype, device, verify=verify)
     return evaluate_perplexity(model, tokenizer, dataset, seqlen=seqlen, max_windows=max_windows,
                                batch_size=batch_size, data_dir=data_dir, progress=progress)
 

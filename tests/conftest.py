@@ -1,4 +1,8 @@
-"""Shared fixtures. Tests run offline: the hub is skipped (SPQR_OFFLINE=1) unless a test says otherwise."""
+"""Shared fixtures. Tests run offline: the hub is skipped (SPQR_OFFLINE=1) unless a test says otherwise.
+
+The environment is set for the test session only (undone at its end), so module- and session-scoped fixtures
+see it too; a test that needs the hub or a data dir changes it with its own ``monkeypatch``.
+"""
 
 from __future__ import annotations
 
@@ -11,9 +15,7 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 SHARED_DATA = SHARED / "data"
 
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+QUIET_ENV = {"TRANSFORMERS_VERBOSITY": "error", "HF_HUB_DISABLE_PROGRESS_BARS": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
 def pytest_collection_modifyitems(config, items):
@@ -28,10 +30,53 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
-@pytest.fixture(autouse=True)
-def _offline(monkeypatch):
-    monkeypatch.setenv("SPQR_OFFLINE", "1")
-    monkeypatch.delenv("SPQR_DATA_DIR", raising=False)
+@pytest.fixture(scope="session", autouse=True)
+def _offline():
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SPQR_OFFLINE", "1")
+        mp.delenv("SPQR_DATA_DIR", raising=False)
+        for key, value in QUIET_ENV.items():
+            if key not in os.environ:
+                mp.setenv(key, value)
+        yield
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Run a module's torch work on one thread: with tiny models intra-op threads only add synchronization, which
+    dominates on a busy CPU (measured 10-25x slower with 2 threads on a loaded 2-core machine)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def quantized_demo(tmp_path_factory, demo_model_path):
+    """The embedded demo model quantized (spqr-3.9bit, 4 x 64 calibration tokens, CPU) and packed, once per
+    session, through the CLI; returns the directories and both commands' results."""
+    import torch
+    from typer.testing import CliRunner
+
+    from spqr_cli.cli import app
+    from spqr_cli.demo import DEMO_CALIB
+
+    root = tmp_path_factory.mktemp("quantized-demo")
+    runner = CliRunner()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny layers: threads only add overhead (and a lot of it on a busy CPU)
+    try:
+        quant = runner.invoke(app, ["quantize", str(demo_model_path), "--out", str(root / "quant"), "--dataset",
+                                    f"file:{DEMO_CALIB}", "--nsamples", "4", "--seqlen", "64", "--device", "cpu"],
+                              terminal_width=200)
+    finally:
+        torch.set_num_threads(threads)
+    assert quant.exit_code == 0, quant.output
+    packed = runner.invoke(app, ["pack", str(root / "quant"), "--out", str(root / "packed")], terminal_width=200)
+    assert packed.exit_code == 0, packed.output
+    return {"quant": root / "quant", "packed": root / "packed", "quantize_result": quant, "pack_result": packed}
 
 
 @pytest.fixture(scope="session")

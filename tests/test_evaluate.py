@@ -9,6 +9,8 @@ import torch
 from spqr_cli.errors import SpQRError
 from spqr_cli.evaluate import evaluate_perplexity, load_any_model, write_json
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 @pytest.fixture(scope="module")
 def tiny_llama(demo_tokenizer):
@@ -78,3 +80,24 @@ def test_write_json_atomic(tmp_path):
     path = write_json({"a": 1}, tmp_path / "out" / "r.json")
     assert json.loads(path.read_text()) == {"a": 1}
     assert [p.name for p in path.parent.iterdir()] == ["r.json"]
+
+
+def test_model_kind_and_packed_loading(quantized_demo, demo_model_path, tmp_path):
+    from spqr_cli.evaluate import model_kind
+    from spqr_cli.runtime import SpQRLinear
+
+    assert model_kind(str(quantized_demo["packed"]))[0] == "packed"
+    assert model_kind(str(quantized_demo["quant"])) == ("quant", str(quantized_demo["quant"] / "dense"))
+    assert model_kind(str(demo_model_path))[0] == "dense"
+    (tmp_path / "quant_config.json").write_text("{}")
+    with pytest.raises(SpQRError, match="unfinished quantization run"):
+        model_kind(str(tmp_path))
+
+    packed, tokenizer = load_any_model(str(quantized_demo["packed"]), "fp16", "cpu")
+    dense, _ = load_any_model(str(quantized_demo["quant"]), "fp16", "cpu")
+    assert isinstance(packed.model.layers[0].mlp.down_proj, SpQRLinear)
+    assert torch.equal(packed.model.layers[0].mlp.down_proj.dequantize().float(),
+                       dense.model.layers[0].mlp.down_proj.weight)
+    ids = tokenizer("The kernel scheduler picks the next task", return_tensors="pt").input_ids
+    with torch.no_grad():
+        torch.testing.assert_close(packed(ids).logits, dense(ids).logits, rtol=1e-4, atol=1e-4)

@@ -76,7 +76,7 @@ def test_edge_rows_are_exercised():
 
 
 @needs_triton
-@pytest.mark.parametrize("config", [None, (16, 1, 4), (32, 3, 2)])  # (BW, SPLIT, warps)
+@pytest.mark.parametrize("config", [None, (16, 1, 1, 4), (32, 2, 3, 2)])  # (BW, NGI, SPLIT, warps)
 @pytest.mark.parametrize("case", DECODE_CASES)
 def test_decode_kernel(case, config):
     _, pw = make(case, seed=3)

@@ -56,7 +56,8 @@ def generate(model: Any, tokenizer: Any, prompt: str, max_new_tokens: int = 64, 
     device = next(model.parameters()).device
     ids = tokenizer(prompt, return_tensors="pt").input_ids.to(device)
     if ids.shape[1] == 0:
-        ids = torch.tensor([[tokenizer.bos_token_id or 0]], device=device)
+        bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else 0
+        ids = torch.tensor([[bos]], device=device)
     limit = getattr(model.config, "max_position_embeddings", None)
     if limit is not None and ids.shape[1] + max_new_tokens > limit:
         raise SpQRError(f"prompt ({ids.shape[1]} tokens) + --max-new-tokens {max_new_tokens} exceeds the model's "
@@ -76,8 +77,8 @@ def generate(model: Any, tokenizer: Any, prompt: str, max_new_tokens: int = 64, 
             if on_text is not None and text:
                 on_text(text)
 
-    kwargs: dict[str, Any] = {"max_new_tokens": max_new_tokens, "do_sample": do_sample,
-                              "pad_token_id": tokenizer.pad_token_id or tokenizer.eos_token_id}
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    kwargs: dict[str, Any] = {"max_new_tokens": max_new_tokens, "do_sample": do_sample, "pad_token_id": pad}
     if do_sample:
         kwargs.update(temperature=temperature, top_p=top_p, top_k=top_k)
     if device.type == "cuda":
@@ -85,7 +86,7 @@ def generate(model: Any, tokenizer: Any, prompt: str, max_new_tokens: int = 64, 
     start = time.perf_counter()
     with torch.no_grad():
         out = model.generate(ids, attention_mask=torch.ones_like(ids),
-                             streamer=_Stream(tokenizer, skip_prompt=True), **kwargs)
+                             streamer=_Stream(tokenizer, skip_prompt=True, skip_special_tokens=True), **kwargs)
     end = time.perf_counter()
     new = int(out.shape[1] - ids.shape[1])
     # marks[0] is the prompt, marks[1] the first generated token: prefill ends there
