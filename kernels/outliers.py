@@ -55,6 +55,11 @@ def prepare(pw: PackedWeight) -> dict[str, torch.Tensor]:
         rt["outlier_col"] = cols.to(torch.int32).contiguous()
         rt["outlier_delta"] = delta.contiguous()
     rt["row_ptr"] = pw.tensors["outlier_row_ptr"].to(device=dev, dtype=torch.int32).contiguous()
+    perm = pw.get("perm")
+    if perm is not None:  # original column -> permuted position (the dense prefill path writes outliers there)
+        inv = torch.empty(pw.in_features, dtype=torch.long, device=dev)
+        inv[perm.long()] = torch.arange(pw.in_features, device=dev)
+        rt["inv_perm"] = inv
     _CACHE[key] = (weakref.ref(pw, lambda _ref, key=key: _CACHE.pop(key, None)), rt)
     return rt
 

@@ -1,9 +1,8 @@
 """Layer speed benchmark: fp16 ``F.linear`` (cuBLAS) vs the SpQR Triton kernels, side by side in one process.
 
-Timing method: CUDA events around each call, the L2 cache flushed (a 256 MB buffer is zeroed) before every
-timed call so that weights come from device memory as they would in a real model, warm-up first, median of
-``reps`` runs. Launches are back-to-back (no CUDA graph); the flush gives the CPU time to queue the launches,
-so the times are GPU times, launch overhead excluded.
+Timing method (``time_cuda``): ``reps`` calls, each after an L2 flush (so weights come from device memory as in
+a real model), captured in a CUDA graph and replayed, minus the same graph without the calls: GPU time per call,
+with the Python launch overhead of both cuBLAS and Triton removed.
 """
 
 from __future__ import annotations
@@ -73,19 +72,40 @@ def random_packed(
 
 
 def time_cuda(fn: Callable[[], object], warmup: int = 10, reps: int = 50) -> float:
-    """Median milliseconds of ``fn`` over ``reps`` runs, each timed with CUDA events after an L2 flush."""
+    """Milliseconds of GPU time per call of ``fn``, weights coming from device memory (not L2).
+
+    ``reps`` calls, each preceded by an L2 flush (a 256 MB buffer is zeroed), are captured in one CUDA graph and
+    replayed; a graph of the flushes alone is timed the same way and subtracted. Graph replay removes the
+    Python/launch overhead from both sides (cuBLAS and Triton alike), so the ratio compares GPU work only.
+    """
     flush = torch.empty(256 * 1024 * 1024, dtype=torch.uint8, device="cuda")
     for _ in range(warmup):
         fn()
-    starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
-    ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
-    for i in range(reps):
-        flush.zero_()
-        starts[i].record()
-        fn()
-        ends[i].record()
     torch.cuda.synchronize()
-    return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends, strict=True))
+
+    def graph_ms(with_fn: bool) -> float:
+        g = torch.cuda.CUDAGraph()
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            fn()  # allocations made inside the capture come from the graph's pool
+        torch.cuda.current_stream().wait_stream(stream)
+        with torch.cuda.graph(g):
+            for _ in range(reps):
+                flush.zero_()
+                if with_fn:
+                    fn()
+        times = []
+        for _ in range(3):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            g.replay()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        return statistics.median(times)
+
+    return max(graph_ms(True) - graph_ms(False), 0.0) / reps
 
 
 def bench_layers(

@@ -472,10 +472,18 @@ def bench(
     batches: Annotated[str, typer.Option("--batches", help="Comma-separated batch sizes (tokens per matmul).")]
     = "1,4,16,256",
     reps: Annotated[int, typer.Option("--reps", min=1, help="Timed runs per point (median reported).")] = 50,
+    part: Annotated[str, typer.Option("--part", help="What to run: layers, e2e or all. e2e builds a random-weight "
+                                      "--e2e-model packed and fp16 (decode tokens/s, 2048-token prefill, peak "
+                                      "memory) and a packed --cap-model under --cap-gb.")] = "all",
+    e2e_model: Annotated[str, typer.Option("--e2e-model", help="LLaMA size for the end-to-end comparison.")] = "7b",
+    cap_model: Annotated[str, typer.Option("--cap-model", help="LLaMA size run packed under the memory cap.")]
+    = "33b",
+    cap_gb: Annotated[float, typer.Option("--cap-gb", min=1.0, help="GPU memory cap for --cap-model, GB.")] = 24.0,
     json_path: Annotated[Path | None, typer.Option("--json", help="Also write the rows and environment as JSON here.",
                                                    show_default=False)] = None,
 ) -> None:
-    """Layer speed on GPU: fp16 cuBLAS vs the SpQR Triton kernel on LLaMA layer shapes (needs CUDA)."""
+    """Speed on GPU, side by side in one process: fp16 cuBLAS vs the SpQR Triton kernels on LLaMA layer shapes,
+    then end to end on random-weight LLaMA-shaped models (needs CUDA)."""
     with user_errors():
         import torch
 
@@ -497,10 +505,22 @@ def bench(
             raise SpQRError(f"--batches {batches!r} must be comma-separated integers, e.g. 1,4,16") from None
         if not batch_list or min(batch_list) < 1:
             raise SpQRError("--batches needs positive integers, e.g. 1,4,16")
-        rows = bench_layers(llama_shapes(names), batch_list, reps=reps)
-        console().print(render_table(rows))
+        if part not in ("all", "layers", "e2e"):
+            raise SpQRError(f"--part {part!r} must be layers, e2e or all")
+        for size in (e2e_model, cap_model):
+            if size.upper() not in LLAMA_DIMS:
+                raise SpQRError(f"unknown model size {size!r}; choose from {', '.join(k.lower() for k in LLAMA_DIMS)}")
+        rows, e2e_rows = [], []
+        if part in ("all", "layers"):
+            rows = bench_layers(llama_shapes(names), batch_list, reps=reps)
+            console().print(render_table(rows))
+        if part in ("all", "e2e"):
+            from spqr_cli.bench_e2e import bench_e2e, render_e2e
+
+            e2e_rows = bench_e2e(e2e_model.upper(), cap_model.upper(), cap_gb)
+            console().print(render_e2e(e2e_rows))
         if json_path is not None:
-            write_json(rows, str(json_path), {"models": names, "batches": batch_list, "reps": reps})
+            write_json(rows, str(json_path), {"models": names, "batches": batch_list, "reps": reps, "e2e": e2e_rows})
             typer.echo(f"wrote {json_path}")
 
 

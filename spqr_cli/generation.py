@@ -83,6 +83,9 @@ def generate(model: Any, tokenizer: Any, prompt: str, max_new_tokens: int = 64, 
         kwargs.update(temperature=temperature, top_p=top_p, top_k=top_k)
     if device.type == "cuda":
         kwargs["cache_implementation"] = "static"
+        # no auto torch.compile of the forward: dynamo would trace the Triton launches with fake tensors;
+        # the static cache alone keeps shapes fixed for the kernels
+        kwargs["disable_compile"] = True
     start = time.perf_counter()
     with torch.no_grad():
         out = model.generate(ids, attention_mask=torch.ones_like(ids),

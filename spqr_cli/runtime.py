@@ -47,16 +47,26 @@ class SpQRLinear(nn.Module):
         for name, t in pw.tensors.items():
             self.register_buffer(name, t)
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+        self._packed: PackedWeight | None = None
+
+    def _apply(self, fn, recurse=True):  # noqa: ANN001, ANN202 (nn.Module's signature)
+        self._packed = None  # buffers moved or cast: rebuild the view (and the kernels' runtime caches) lazily
+        return super()._apply(fn, recurse)
 
     @property
     def packed(self) -> PackedWeight:
         """The layer's ``PackedWeight`` view of the current buffers (fp16 fields re-cast if a ``.to(dtype)``
-        changed them, so the layout stays exactly what the kernels expect)."""
-        tensors = {}
-        for name in self._tensor_names:
-            t = getattr(self, name)
-            tensors[name] = t.to(torch.float16) if t.is_floating_point() else t
-        return PackedWeight(**{k: getattr(self, k) for k in _META_FIELDS}, tensors=tensors)
+        changed them, so the layout stays exactly what the kernels expect).
+
+        Built once and kept: the kernels cache per-layer runtime tensors (outlier residuals, split-K scratch) on
+        this object, so a new view per forward would rebuild them on every call."""
+        if self._packed is None:
+            tensors = {}
+            for name in self._tensor_names:
+                t = getattr(self, name)
+                tensors[name] = t.to(torch.float16) if t.is_floating_point() else t
+            self._packed = PackedWeight(**{k: getattr(self, k) for k in _META_FIELDS}, tensors=tensors)
+        return self._packed
 
     def dequantize(self) -> torch.Tensor:
         """The fp16 dense weight ``[out, in]`` (bit-exact with the quantizer's), on the buffers' device."""

@@ -154,3 +154,21 @@ def test_gpu_kernels(case, batch):
     check_close(ops.spqr_linear(x, pw, bias), ref)
     if batch == 1:
         check_close(matmul.spqr_matmul(x, pw, bias), ref)  # the tensor-core kernel at batch 1 too
+
+
+@needs_triton
+@pytest.mark.parametrize("case", PREFILL_CASES)
+def test_dense_prefill_path(case):
+    from spqr_kernels import dequantize
+
+    _, pw = make(case, seed=5)
+    ref_w = reference.dequantize(pw)  # fp32, original column order
+    w_t = dequantize.dequantize_t(pw).float()
+    perm = pw.get("perm")
+    dense = torch.empty_like(ref_w)
+    dense[:, perm.long() if perm is not None else torch.arange(pw.in_features)] = w_t.t()
+    assert torch.allclose(dense, ref_w, rtol=2**-10, atol=1e-6)
+    x = torch.randn(70, pw.in_features, dtype=torch.float16)
+    bias = torch.randn(pw.out_features, dtype=torch.float16)
+    if not CUDA:  # cuBLAS fp16 matmul on CPU is slow but exact enough at these sizes
+        check_close(ops.spqr_linear(x, pw, bias), reference.linear_reference(x.float(), pw, bias.float()))
