@@ -19,6 +19,7 @@ from pathlib import Path
 from spqr_cli.calibrate import build_calibration_set
 from spqr_cli.config import load_preset
 from spqr_cli.evaluate import evaluate_perplexity, load_any_model
+from spqr_cli.pack import inspect_packed, pack_model
 from spqr_cli.quantize import quantize_model
 
 
@@ -35,6 +36,7 @@ def main() -> None:
     ap.add_argument("--max-windows", type=int, default=40)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--pack", action="store_true", help="also pack each result and report bits measured on disk")
     args = ap.parse_args()
 
     calib_name = args.calib or f"file:{args.data_dir}/docs/calib.txt"
@@ -56,15 +58,22 @@ def main() -> None:
             t = time.perf_counter()
             report = quantize_model(args.model, load_preset(preset), out, calib.input_ids, calib.manifest,
                                     device=args.device)
-            rows.append({"method": preset, "bits": report.avg_bits, "outlier_pct": report.outlier_pct,
-                         "seconds": time.perf_counter() - t, **ppl(str(out / "dense"))})
+            row = {"method": preset, "bits": report.avg_bits, "outlier_pct": report.outlier_pct,
+                   "seconds": time.perf_counter() - t, **ppl(str(out / "dense"))}
+            if args.pack:
+                pack_model(out, Path(tmp) / f"{preset}-packed")
+                totals = inspect_packed(Path(tmp) / f"{preset}-packed")["totals"]
+                row.update(measured_bits=totals["quantized_bits_measured"], packed_mb=totals["disk_bytes"] / 2**20,
+                           fp16_mb=totals["fp16_bytes"] / 2**20, checkpoint_bits=totals["bits_per_param"])
+            rows.append(row)
             print(rows[-1], flush=True)
     base = rows[0]
-    print(f"\n| method | avg bits | {' | '.join(datasets)} | quantize s |")
-    print("|---|---|" + "---|" * len(datasets) + "---|")
+    print(f"\n| method | avg bits (formula) | bits on disk | {' | '.join(datasets)} | quantize s |")
+    print("|---|---|---|" + "---|" * len(datasets) + "---|")
     for r in rows:
         cells = [f"{r[d]:.3f} ({100 * (r[d] / base[d] - 1):+.2f}%)" for d in datasets]
-        print(f"| {r['method']} | {r['bits']:.3f} | {' | '.join(cells)} | {r['seconds']:.1f} |")
+        disk = f"{r['measured_bits']:.3f}" if "measured_bits" in r else ""
+        print(f"| {r['method']} | {r['bits']:.3f} | {disk} | {' | '.join(cells)} | {r['seconds']:.1f} |")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps({"model": args.model, "device": args.device, "rows": rows}, indent=2))
