@@ -1,4 +1,4 @@
-"""Prefill kernel: ``Y = X W^T`` for many tokens; dequantize weight tiles in registers, multiply on tensor cores.
+"""Tensor-core kernel: ``Y = X W^T`` for a few tokens (2..63, see ops.py); dequantize tiles in registers + ``tl.dot``.
 
 Each program owns ``BM`` tokens x ``BW`` packed word columns (``BW * cpw`` output rows) and walks K in tiles of
 ``NGI * GS_T`` permuted columns. A tile is decoded exactly as in the decode kernel (``dequant.py``), flattened

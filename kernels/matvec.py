@@ -2,12 +2,15 @@
 
 Batch-1 decode is memory-bound: the kernel must keep many bytes in flight and spend few instructions per weight.
 
-- Codes are packed along N (layout.py), so each iteration loads a plain ``[NGI, GS_T, BW]`` tile of int32
-  words (coalesced, several KB per program) and decodes ``cpw`` output rows from every word with compile-time
-  shifts; per weight that is a shift, a mask/or, one fp32 subtract (2^23 magic number instead of the slow
-  int->float unit), one FMA to dequantize (``q * s - z * s``) and one FMA to accumulate.
-- Statistics are decoded once per (group, row) and broadcast over the group's columns; the activations are read
-  through the permutation once per column (``x[perm[k]]``), so the weight is never un-permuted.
+- Codes are packed along N (layout.py): a program owns ``BW`` words (``BW * cpw`` output rows) and walks its
+  share of K one k-tile of ``GS_T`` columns (inside one group) at a time, unrolled, so each thread has
+  ``GS_T`` independent coalesced word loads in flight. Each word held as a ``[BW, 1]`` column is shifted into
+  its ``cpw`` codes without a layout change; per weight that is a shift, a bit-field extract, an or and an fp32
+  subtract (2^23 magic number instead of the quarter-rate int->float unit) and one FMA.
+- Statistics are applied per group, not per weight: ``y += s * sum_k q_k x_k - s * z * sum_k x_k``. When the
+  stat codes are packed like the codes (``stat_bits == wbits``) one stat word serves a code word's rows
+  (``dequant.word_stats``). The activations are read through the permutation (``x[perm[k]]``, one address per
+  k for the whole program), so the weight is never un-permuted and no gather launch is needed.
 - Split-K gives every layer enough programs to fill the GPU. The pieces are summed with fp32 atomics into a
   per-layer scratch row; the last program of a row block (an atomic ticket) reads the sum back while zeroing it,
   adds the bias and stores the result. The scratch therefore returns to zero after every call and no memset or
