@@ -4,6 +4,10 @@ Above a few dozen tokens a matmul is compute-bound, and cuBLAS on a dense fp16 w
 have; writing the dense weight once costs ~2.5 bytes per weight of traffic, small next to the matmul at
 hundreds of tokens. The tile decode is the same as the other kernels' (``dequant.py``). The outliers are written
 into the dense copy at their permuted positions, so ``x[:, perm] @ W^T`` is the whole product.
+
+Precision: the weight copy is fp16 (exactly the stored decode rounded once, as ``unpack`` produces), the matmul is
+cuBLAS fp16 with its default accumulation, and bf16 activations are converted to fp16 (activations beyond fp16's
+range, |x| > 65504, are not supported on this path).
 """
 
 from __future__ import annotations

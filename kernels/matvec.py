@@ -21,6 +21,8 @@ Batch-1 decode is memory-bound: the kernel must keep many bytes in flight and sp
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -29,7 +31,11 @@ from .dequant import group_stats, slot_bits, split_slots, stat_args, tile_k, wor
 from .layout import PackedWeight
 from .outliers import prepare
 
-NUM_SMS_GUESS = 132
+
+@functools.cache
+def _num_sms() -> int:
+    """Streaming multiprocessors of the current GPU (132 on an H100 SXM; also the CPU interpreter's stand-in)."""
+    return torch.cuda.get_device_properties().multi_processor_count if torch.cuda.is_available() else 132
 
 
 @triton.jit
@@ -135,7 +141,7 @@ def _matvec_kernel(
 
 
 def pick_config(n: int, k: int, pw: PackedWeight) -> tuple[int, int, int, int]:
-    """``(BW, NGI, SPLIT, num_warps)`` for a layer: ~4 programs per SM, each with >= 2 iterations.
+    """``(BW, NGI, SPLIT, num_warps)`` for a layer: ~6 programs per SM, each with >= 2 iterations.
 
     From sweeps on an H100 (LLaMA-7B/65B shapes, batch 1; benchmarks/bench_layers.py --sweep decode): 4 warps,
     128 words (1280 rows at 3 bits) per program on wide layers, 32 on narrow ones, one k-tile per iteration (a
@@ -146,7 +152,7 @@ def pick_config(n: int, k: int, pw: PackedWeight) -> tuple[int, int, int, int]:
     ngi = 1
     tiles = triton.cdiv(k, tile_k(pw.groupsize) * ngi)
     blocks = triton.cdiv(words, bw)
-    split = max(1, min(triton.cdiv(6 * NUM_SMS_GUESS, blocks), tiles // 2, 128))
+    split = max(1, min(triton.cdiv(6 * _num_sms(), blocks), tiles // 2, 128))
     return bw, ngi, split, 4
 
 

@@ -46,7 +46,7 @@ def check_inputs(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None) -
 def spqr_linear(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``x @ W.T + bias`` for ``x`` of shape ``[..., K]`` (fp16/bf16) and a packed ``W`` of shape ``[N, K]``.
 
-    Returns ``[..., N]`` in ``x``'s dtype. Accumulation is fp32 on every path.
+    Returns ``[..., N]`` in ``x``'s dtype. The Triton kernels accumulate in fp32; the many-token path is cuBLAS fp16.
     """
     check_inputs(x, pw, bias)
     lead = x.shape[:-1]

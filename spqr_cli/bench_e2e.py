@@ -149,21 +149,27 @@ def bench_e2e(size: str = "7B", cap_size: str | None = "33B", cap_gb: float = 24
     """fp16 vs packed ``size`` (same loop, same process), then a packed ``cap_size`` under a ``cap_gb`` limit."""
     if not torch.cuda.is_available():
         raise RuntimeError("bench_e2e needs a CUDA GPU")
-    rows = [bench_model(size, False, new_tokens, prefill_tokens), bench_model(size, True, new_tokens, prefill_tokens)]
-    rows[1]["decode_speedup"] = rows[1]["decode_tok_s"] / rows[0]["decode_tok_s"]
-    rows[1]["prefill_speedup"] = rows[0]["prefill_ms"] / rows[1]["prefill_ms"]
+    rows = [_guarded(bench_model, size, packed, new_tokens, prefill_tokens) for packed in (False, True)]
+    if "error" not in rows[0] and "error" not in rows[1]:
+        rows[1]["decode_speedup"] = rows[1]["decode_tok_s"] / rows[0]["decode_tok_s"]
+        rows[1]["prefill_speedup"] = rows[0]["prefill_ms"] / rows[1]["prefill_ms"]
     if cap_size:
         total = torch.cuda.get_device_properties(0).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, cap_gb * 1e9 / total))
         try:
-            row = bench_model(cap_size, True, new_tokens=32, prefill_tokens=0)
-            row["cap_gb"] = cap_gb
-            rows.append(row)
-        except torch.OutOfMemoryError as e:
-            rows.append({"model": cap_size, "kind": "spqr", "cap_gb": cap_gb, "error": str(e).splitlines()[0]})
+            rows.append({**_guarded(bench_model, cap_size, True, new_tokens=32, prefill_tokens=0), "cap_gb": cap_gb})
         finally:
             torch.cuda.set_per_process_memory_fraction(1.0)
     return rows
+
+
+def _guarded(fn: Any, size: str, packed: bool, *args: Any, **kwargs: Any) -> dict[str, Any]:
+    """One row; a model that does not fit becomes a row with its error instead of ending the benchmark."""
+    try:
+        return fn(size, packed, *args, **kwargs)
+    except torch.OutOfMemoryError as e:
+        torch.cuda.empty_cache()
+        return {"model": size, "kind": "spqr" if packed else "fp16", "error": str(e).splitlines()[0]}
 
 
 def render_e2e(rows: list[dict[str, Any]]) -> object:
@@ -174,7 +180,7 @@ def render_e2e(rows: list[dict[str, Any]]) -> object:
         table.add_column(col, justify="right")
     for r in rows:
         if "error" in r:
-            table.add_row(f"{r['model']} {r['kind']}", "", "", "", "", f"> {r['cap_gb']}", r["error"][:40])
+            table.add_row(f"{r['model']} {r['kind']}", "", "", "", "", "out of memory", r["error"][:40])
             continue
         vs = f"decode {r['decode_speedup']:.2f}x, prefill {r['prefill_speedup']:.2f}x" if "decode_speedup" in r else ""
         if "cap_gb" in r:

@@ -63,6 +63,8 @@ def save_calibration(calib: CalibrationSet, path: str | os.PathLike) -> Path:
     from safetensors.torch import save_file
 
     path = Path(path)
+    if path.is_dir():
+        raise SpQRError(f"--out {path} is a directory; give a file path such as {path / 'calib.safetensors'}")
     path.parent.mkdir(parents=True, exist_ok=True)
     metadata = {k: str(v) for k, v in calib.manifest.items()}
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)

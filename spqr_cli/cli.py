@@ -471,7 +471,8 @@ def bench(
     = "7b,13b,33b,65b",
     batches: Annotated[str, typer.Option("--batches", help="Comma-separated batch sizes (tokens per matmul).")]
     = "1,4,16,256",
-    reps: Annotated[int, typer.Option("--reps", min=1, help="Timed runs per point (median reported).")] = 50,
+    reps: Annotated[int, typer.Option("--reps", min=1, help="Calls per CUDA-graph timing (per-call time = "
+                                      "graph time / reps, median of 3 replays).")] = 50,
     part: Annotated[str, typer.Option("--part", help="What to run: layers, e2e or all. e2e builds a random-weight "
                                       "--e2e-model packed and fp16 (decode tokens/s, 2048-token prefill, peak "
                                       "memory) and a packed --cap-model under --cap-gb.")] = "all",

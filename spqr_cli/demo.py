@@ -6,7 +6,7 @@ project), ``valid.txt`` (demo test text) and ``calib.txt`` (demo calibration tex
 ``run_demo`` runs ``DEMO_STEPS`` in order; each step reads and extends one shared ``DemoState``: load the fp16
 model, draw a small calibration set, evaluate fp16, quantize (spqr-3.9bit, CPU), pack, evaluate the packed
 checkpoint (``load_packed``, the torch reference path on CPU) and generate a greedy sample from it. The sizes are
-kept small (32 x 128 calibration tokens, 24 evaluation windows of 256) so the whole demo takes about a minute on
+kept small (32 x 128 calibration tokens, 24 evaluation windows of 256) so the whole demo takes 10-20 s on
 a 2-core CPU; the numbers are real measurements of the real pipeline, just on a tiny model.
 """
 

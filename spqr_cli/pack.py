@@ -126,8 +126,14 @@ def _read_json(path: Path, what: str) -> dict[str, Any]:
     return data
 
 
-def _prepare_out_dir(out_dir: Path, overwrite: bool) -> Path:
-    """A fresh temp dir beside ``out_dir`` (same file system, so the final rename is atomic)."""
+def _prepare_out_dir(out_dir: Path, overwrite: bool, source: Path) -> Path:
+    """A fresh temp dir beside ``out_dir`` (same file system, so the final rename is atomic).
+
+    ``out_dir`` may not be, contain or lie inside ``source``: --overwrite would otherwise delete the input.
+    """
+    src, dst = source.resolve(), out_dir.resolve()
+    if dst == src or src in dst.parents or dst in src.parents:
+        raise SpQRError(f"output {out_dir} overlaps the input {source}; choose an output outside it")
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not overwrite:
         raise SpQRError(f"output {out_dir} already exists and is not empty; pass --overwrite or choose another path")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -237,7 +243,7 @@ def pack_model(quant_dir: str | Path, out_dir: str | Path, shard_size_mb: int = 
     expected_layers = list(qcfg.get("layers", []))
     dense = _DenseCheckpoint(dense_dir)
 
-    tmp = _prepare_out_dir(out_dir, overwrite)
+    tmp = _prepare_out_dir(out_dir, overwrite, quant_dir)
     try:
         writer = _ShardWriter(tmp, max(1, int(shard_size_mb * 2**20)))
         layers: dict[str, dict[str, Any]] = {}
@@ -451,9 +457,9 @@ def read_packed(packed_dir: str | Path, verify: bool = True) -> tuple[dict[str, 
 def unpack_model(packed_dir: str | Path, out_dir: str | Path, verify: bool = True, overwrite: bool = False,
                  shard_size_mb: int = DEFAULT_SHARD_MB) -> dict[str, Any]:
     """Write a dense fp16 Hugging Face checkpoint; quantized weights are ``QuantizedLayer.dequantize()`` output."""
-    ckpt = PackedCheckpoint(packed_dir, verify=verify)
     out_dir = Path(out_dir)
-    tmp = _prepare_out_dir(out_dir, overwrite)
+    ckpt = PackedCheckpoint(packed_dir, verify=verify)
+    tmp = _prepare_out_dir(out_dir, overwrite, Path(packed_dir))
     try:
         writer = _ShardWriter(tmp, max(1, int(shard_size_mb * 2**20)))
         for name, pw in ckpt.iter_layers():

@@ -99,11 +99,17 @@ def _write_json(path: Path, data: Any) -> None:
 def _prepare_out_dir(out_dir: Path, state: dict[str, Any], restart: bool) -> int:
     """Create or validate the output directory; return the number of blocks already committed."""
     state_path = out_dir / "quant_config.json"
+    if out_dir.exists() and not out_dir.is_dir():
+        raise SpQRError(f"--out {out_dir} is a file; choose a directory path")
     if out_dir.exists() and any(out_dir.iterdir()):
         if not state_path.is_file():
             raise SpQRError(f"output directory {out_dir} is not empty and holds no spqr run; "
                             "choose a new --out directory")
-        old = json.loads(state_path.read_text())
+        try:
+            old = json.loads(state_path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            raise SpQRError(f"{state_path} is corrupted; pass --restart to discard the run or choose a new "
+                            "--out directory") from None
         if old.get("format") != FORMAT:
             raise SpQRError(f"{state_path} is not an spqr quantization state; choose a new --out directory")
         if restart:
@@ -355,8 +361,12 @@ def _save_dense(model: nn.Module, tokenizer: Any, path: Path) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     model.to(torch.float16).save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    shutil.rmtree(path, ignore_errors=True)
+    old = path.with_name(path.name + ".old")
+    if path.exists():  # never a moment without a complete dense/ checkpoint under its name or beside it
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(path, old)
     os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def iter_records(quant_dir: str | Path) -> Iterator[tuple[str, QuantizedLayer]]:

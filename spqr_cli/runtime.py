@@ -99,8 +99,8 @@ def _kernel_linear(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None)
             warnings.warn(f"SpQR GPU kernels unavailable ({e}); using the slower torch path", stacklevel=3)
             _kernel_warned = True
         return None
-    x16 = x.to(torch.float16)
-    out = spqr_linear(x16, pw, None if bias is None else bias.to(torch.float16))
+    xk = x if x.dtype in (torch.float16, torch.bfloat16) else x.to(torch.float16)  # kernels take fp16/bf16
+    out = spqr_linear(xk, pw, None if bias is None else bias.to(xk.dtype))
     return out.to(x.dtype)
 
 
@@ -131,39 +131,41 @@ def load_packed(packed_dir: str | Path, device: str | torch.device = "cpu", dtyp
     with init_empty_weights():  # parameters on meta, buffers (rotary tables) real
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
 
-    for name in ckpt.layers:
-        try:
-            old = model.get_submodule(name)
-        except AttributeError:
-            raise SpQRError(f"packed layer {name} does not exist in the model of config.json; "
-                            "the packed dir is from another model") from None
-        pw = ckpt.load_layer(name)
-        if not isinstance(old, nn.Linear) or (old.out_features, old.in_features) != (pw.out_features,
-                                                                                       pw.in_features):
-            raise SpQRError(f"packed layer {name} has shape {(pw.out_features, pw.in_features)} but the model "
-                            f"expects {tuple(getattr(old, 'weight', torch.empty(0)).shape)}; shape mismatch")
-        bias_name = f"{name}.bias"
-        bias = ckpt.load_dense(bias_name).to(dtype) if bias_name in ckpt.dense else None
-        if (bias is None) != (old.bias is None):
-            raise SpQRError(f"layer {name}: bias presence differs from the model config; the packed dir is "
-                            "from another model")
-        _set_module(model, name, SpQRLinear(pw, bias))
+    try:  # the shards' file handles are closed on every error below too
+        for name in ckpt.layers:
+            try:
+                old = model.get_submodule(name)
+            except AttributeError:
+                raise SpQRError(f"packed layer {name} does not exist in the model of config.json; "
+                                "the packed dir is from another model") from None
+            pw = ckpt.load_layer(name)
+            if not isinstance(old, nn.Linear) or (old.out_features, old.in_features) != (pw.out_features,
+                                                                                           pw.in_features):
+                raise SpQRError(f"packed layer {name} has shape {(pw.out_features, pw.in_features)} but the model "
+                                f"expects {tuple(getattr(old, 'weight', torch.empty(0)).shape)}; shape mismatch")
+            bias_name = f"{name}.bias"
+            bias = ckpt.load_dense(bias_name).to(dtype) if bias_name in ckpt.dense else None
+            if (bias is None) != (old.bias is None):
+                raise SpQRError(f"layer {name}: bias presence differs from the model config; the packed dir is "
+                                "from another model")
+            _set_module(model, name, SpQRLinear(pw, bias))
 
-    expected = dict(model.state_dict(keep_vars=True))
-    state = {}
-    for name in ckpt.dense:
-        if name.endswith(".bias") and name[: -len(".bias")] in ckpt.layers:
-            continue  # already inside its SpQRLinear
-        if name not in expected:
-            raise SpQRError(f"packed tensor {name} has no place in the model of config.json; "
-                            "the packed dir is from another model")
-        t = ckpt.load_dense(name)
-        if tuple(t.shape) != tuple(expected[name].shape):
-            raise SpQRError(f"tensor {name} has shape {tuple(t.shape)} but the model expects "
-                            f"{tuple(expected[name].shape)}; shape mismatch")
-        state[name] = t.to(dtype) if t.is_floating_point() else t
-    model.load_state_dict(state, strict=False, assign=True)
-    ckpt.close()
+        expected = dict(model.state_dict(keep_vars=True))
+        state = {}
+        for name in ckpt.dense:
+            if name.endswith(".bias") and name[: -len(".bias")] in ckpt.layers:
+                continue  # already inside its SpQRLinear
+            if name not in expected:
+                raise SpQRError(f"packed tensor {name} has no place in the model of config.json; "
+                                "the packed dir is from another model")
+            t = ckpt.load_dense(name)
+            if tuple(t.shape) != tuple(expected[name].shape):
+                raise SpQRError(f"tensor {name} has shape {tuple(t.shape)} but the model expects "
+                                f"{tuple(expected[name].shape)}; shape mismatch")
+            state[name] = t.to(dtype) if t.is_floating_point() else t
+        model.load_state_dict(state, strict=False, assign=True)
+    finally:
+        ckpt.close()
     if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()
     still_empty = [n for n, p in model.named_parameters() if p.is_meta]

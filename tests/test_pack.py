@@ -207,6 +207,15 @@ def test_refuses_to_overwrite(quant_dir: Path, packed_dir: Path) -> None:
         pack_model(quant_dir, packed_dir)
 
 
+def test_output_may_not_overlap_the_input(quant_dir: Path, packed_dir: Path) -> None:
+    for out in (quant_dir, quant_dir / "packed"):  # --overwrite would otherwise delete the input
+        with pytest.raises(SpQRError, match="overlaps the input"):
+            pack_model(quant_dir, out, overwrite=True)
+    with pytest.raises(SpQRError, match="overlaps the input"):
+        unpack_model(packed_dir, packed_dir, overwrite=True)
+    assert (quant_dir / "quant_config.json").is_file() and (packed_dir / "spqr_config.json").is_file()
+
+
 def test_incomplete_quant_dir(quant_dir: Path, tmp_path: Path) -> None:
     q = tmp_path / "q"
     shutil.copytree(quant_dir, q)
