@@ -7,7 +7,6 @@ with the Python launch overhead of both cuBLAS and Triton removed.
 
 from __future__ import annotations
 
-import json
 import statistics
 from collections.abc import Callable, Iterable, Sequence
 
@@ -160,10 +159,11 @@ def render_table(rows: Sequence[dict], title: str = "SpQR layer bench") -> objec
 
 
 def write_json(rows: Sequence[dict], path: str, extra: dict | None = None) -> None:
-    """Rows plus the environment (GPU, torch, triton versions) as JSON."""
+    """Rows plus the environment (GPU, torch, triton versions) as JSON, written atomically."""
     import triton
+
+    from spqr_cli.evaluate import write_json as write_json_atomic
 
     env = {"gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
            "torch": torch.__version__, "triton": triton.__version__}
-    with open(path, "w") as f:
-        json.dump({"env": env, **(extra or {}), "rows": list(rows)}, f, indent=1)
+    write_json_atomic({"env": env, **(extra or {}), "rows": list(rows)}, path)
