@@ -143,6 +143,23 @@ def stat_args(pw, dummy) -> tuple:  # noqa: ANN001 (PackedWeight, torch.Tensor)
     return tuple(t.get(k, dummy) for k in ("scales", "zeros", "qscale", "qzero", "scale_stats", "zero_stats"))
 
 
+def layout_args(pw) -> tuple[tuple[int, int, int, int], dict[str, int]]:  # noqa: ANN001 (PackedWeight)
+    """What every kernel launch derives from the layout: ``(W, WS, G, NB)`` and the shared constexprs.
+
+    ``W``/``WS`` are the code/stat word columns, ``G`` the groups, ``NB`` the second-level row blocks; the
+    constexprs are ``WBITS, CPW, CP1, CP2, GS, GS_T, STAT_BITS, BETA2``.
+    """
+    t = pw.tensors
+    cpw = 32 // pw.wbits
+    cp1, cp2 = split_slots(cpw)
+    beta2 = max(pw.beta2, 1)
+    sizes = (t["qweight"].shape[1], t["qscale"].shape[1] if "qscale" in t else 1, pw.num_groups,
+             -(-pw.out_features // beta2))
+    meta = {"WBITS": pw.wbits, "CPW": cpw, "CP1": cp1, "CP2": cp2, "GS": pw.groupsize,
+            "GS_T": tile_k(pw.groupsize), "STAT_BITS": pw.stat_bits, "BETA2": beta2}
+    return sizes, meta
+
+
 def tile_k(groupsize: int, max_sub: int = 32) -> int:
     """Columns per k-sub-tile: the largest power of two <= ``max_sub`` dividing the group size (>= 16)."""
     if groupsize % 16:

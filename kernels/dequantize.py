@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .dequant import dequant_part, split_slots, stat_args, tile_k
+from .dequant import dequant_part, layout_args, stat_args
 from .layout import PackedWeight
 from .outliers import prepare
 
@@ -55,18 +55,14 @@ def dequantize_t(pw: PackedWeight) -> torch.Tensor:
     """fp16 ``[K, N]``: row j is permuted input column j (original ``perm[j]``), outliers included."""
     n, k = pw.out_features, pw.in_features
     t = pw.tensors
-    cpw = 32 // pw.wbits
-    cp1, cp2 = split_slots(cpw)
-    words = t["qweight"].shape[1]
-    gs_t = tile_k(pw.groupsize)
+    sizes, meta = layout_args(pw)
+    words, gs_t = sizes[0], meta["GS_T"]
     ngi, bw = max(1, 32 // gs_t), 16
     out = torch.empty(k, n, device=t["qweight"].device, dtype=torch.float16)
     dummy = t["qweight"]
     _dequant_kernel[(triton.cdiv(words, bw), triton.cdiv(k, gs_t * ngi))](
         t["qweight"], *stat_args(pw, dummy), out,
-        n, k, words, t["qscale"].shape[1] if "qscale" in t else 1, pw.num_groups, triton.cdiv(n, max(pw.beta2, 1)),
-        WBITS=pw.wbits, CPW=cpw, CP1=cp1, CP2=cp2, GS=pw.groupsize, GS_T=gs_t, NGI=ngi, BW=bw,
-        STAT_BITS=pw.stat_bits, BETA2=max(pw.beta2, 1), num_warps=4,
+        n, k, *sizes, **meta, NGI=ngi, BW=bw, num_warps=4,
     )
     if pw.nnz:
         ptr = t["outlier_row_ptr"].long()

@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .dequant import dequant_part, split_slots, stat_args, tile_k
+from .dequant import dequant_part, layout_args, split_slots, stat_args, tile_k
 from .layout import PackedWeight
 from .outliers import prepare
 
@@ -126,10 +126,8 @@ def spqr_matmul(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None = N
     m = x.shape[0]
     x = x.contiguous()
     t = pw.tensors
-    cpw = 32 // pw.wbits
-    cp1, cp2 = split_slots(cpw)
-    words = t["qweight"].shape[1]
-    gs_t = tile_k(pw.groupsize)
+    sizes, meta = layout_args(pw)
+    words = sizes[0]
     bm, bw, ngi, warps = config or pick_config(m, n, pw)
     rt = prepare(pw)
     out = torch.empty(m, n, device=x.device, dtype=x.dtype)
@@ -139,10 +137,7 @@ def spqr_matmul(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None = N
         x, t.get("perm", dummy), t["qweight"], *stat_args(pw, dummy),
         rt["row_ptr"], rt.get("outlier_col", dummy), rt.get("outlier_delta", dummy),
         bias if bias is not None else dummy, out,
-        m, n, k, words, t["qscale"].shape[1] if "qscale" in t else 1, pw.num_groups,
-        triton.cdiv(n, max(pw.beta2, 1)), x.stride(0), out.stride(0),
-        WBITS=pw.wbits, CPW=cpw, CP1=cp1, CP2=cp2, GS=pw.groupsize, GS_T=gs_t, NGI=ngi, BW=bw, BM=bm,
-        STAT_BITS=pw.stat_bits, BETA2=max(pw.beta2, 1),
+        m, n, k, *sizes, x.stride(0), out.stride(0), **meta, NGI=ngi, BW=bw, BM=bm,
         HAS_PERM="perm" in t, HAS_OUTLIERS=pw.nnz > 0, HAS_BIAS=bias is not None,
         num_warps=warps,
     )

@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .dequant import group_stats, slot_bits, split_slots, stat_args, tile_k, word_stats
+from .dequant import group_stats, layout_args, slot_bits, stat_args, tile_k, word_stats
 from .layout import PackedWeight
 from .outliers import prepare
 
@@ -178,10 +178,8 @@ def spqr_matvec(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None = N
         raise ValueError(f"x is on {x.device} but the weight is on {pw.tensors['qweight'].device}")
     xv = x.reshape(k).contiguous()
     t = pw.tensors
-    cpw = 32 // pw.wbits
-    cp1, cp2 = split_slots(cpw)
-    words = t["qweight"].shape[1]
-    gs_t = tile_k(pw.groupsize)
+    sizes, meta = layout_args(pw)
+    words, gs_t = sizes[0], meta["GS_T"]
     bw, ngi, split, warps = config or pick_config(n, k, pw)
     num_tiles = triton.cdiv(k, gs_t * ngi)
     per_split = triton.cdiv(num_tiles, split)
@@ -195,10 +193,7 @@ def spqr_matvec(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None = N
         xv, t.get("perm", dummy), t["qweight"], *stat_args(pw, dummy),
         rt["row_ptr"], rt.get("outlier_col", dummy), rt.get("outlier_delta", dummy),
         bias if bias is not None else dummy, acc, cnt, out,
-        n, k, words, t["qscale"].shape[1] if "qscale" in t else 1, pw.num_groups,
-        triton.cdiv(n, max(pw.beta2, 1)), per_split, num_tiles, split,
-        WBITS=pw.wbits, CPW=cpw, CP1=cp1, CP2=cp2, GS=pw.groupsize, GS_T=gs_t, NGI=ngi, BW=bw,
-        STAT_BITS=pw.stat_bits, BETA2=max(pw.beta2, 1), SPLIT_K=split > 1,
+        n, k, *sizes, per_split, num_tiles, split, **meta, NGI=ngi, BW=bw, SPLIT_K=split > 1,
         WORD_STATS=pw.stat_bits == pw.wbits and 32 // pw.wbits <= max(pw.beta2, 1),
         HAS_PERM="perm" in t, HAS_OUTLIERS=pw.nnz > 0, HAS_BIAS=bias is not None,
         num_warps=warps,
