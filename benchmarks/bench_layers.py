@@ -2,7 +2,6 @@
 
     python benchmarks/bench_layers.py --json out.json               # the table (spqr_cli.bench.bench_layers)
     python benchmarks/bench_layers.py --sweep decode --json s.json  # tune the decode kernel's launch config
-    python benchmarks/bench_layers.py --sweep prefill --json s.json # tune the tensor-core kernel's tiles
 """
 
 from __future__ import annotations
@@ -17,7 +16,7 @@ from spqr_cli.bench import bench_layers, llama_shapes, random_packed, render_tab
 
 
 def sweep_decode(shapes, batches, reps: int) -> list[dict]:
-    """Time every (BW, NGI, SPLIT, num_warps) of the one-token decode kernel; one row per shape and config."""
+    """Time (BW, KW, SPLIT, num_warps) configs of the one-token decode kernel; one row per shape and config."""
     from spqr_kernels.matvec import pick_config, spqr_matvec
 
     rows = []
@@ -25,38 +24,14 @@ def sweep_decode(shapes, batches, reps: int) -> list[dict]:
         pw = random_packed(n, k)
         x = torch.randn(1, k, device="cuda", dtype=torch.float16)
         auto = pick_config(n, k, pw)
-        configs = {auto} | set(itertools.product((32, 128), (1, 2, 4), (auto[2] // 2 or 1, auto[2], 2 * auto[2]),
-                                                 (4,)))
+        splits = (max(1, auto[2] // 2), auto[2], 2 * auto[2])
+        configs = {auto, (64, 8, auto[2], 8)} | {(32, kw, sp, kw) for kw, sp in itertools.product((4, 8, 16), splits)}
         for cfg in sorted(configs):
             ms = time_cuda(lambda x=x, cfg=cfg, pw=pw: spqr_matvec(x, pw, config=cfg), 3, reps)
             rows.append({"name": name, "N": n, "K": k, "batch": 1, "config": cfg, "ms": ms, "auto": cfg == auto,
                          "gbps": pw.nbytes() / ms / 1e6})
         del pw
     return rows
-
-
-def sweep_prefill(shapes, batches, reps: int) -> list[dict]:
-    """Time (BM, BW, NGI, num_warps) of the tensor-core kernel per shape and batch."""
-    from spqr_kernels.matmul import pick_config, spqr_matmul
-
-    rows = []
-    for name, n, k in shapes:
-        pw = random_packed(n, k)
-        for b in batches:
-            x = torch.randn(b, k, device="cuda", dtype=torch.float16)
-            auto = pick_config(b, n, pw)
-            configs = {auto} | {c for c in itertools.product((16, 32, 64, 128), (8, 16, 32), (1, 2, 4), (4, 8))
-                                if c[0] <= max(16, triton_next_pow2(b))}
-            for cfg in sorted(configs):
-                ms = time_cuda(lambda x=x, cfg=cfg, pw=pw: spqr_matmul(x, pw, config=cfg), 3, reps)
-                rows.append({"name": name, "N": n, "K": k, "batch": b, "config": cfg, "ms": ms,
-                             "auto": cfg == auto})
-        del pw
-    return rows
-
-
-def triton_next_pow2(v: int) -> int:
-    return 1 << max(v - 1, 0).bit_length()
 
 
 def best_per_case(rows: list[dict]) -> list[dict]:
@@ -74,15 +49,14 @@ def main() -> None:
     p.add_argument("--batches", default="1,4,16,256")
     p.add_argument("--reps", type=int, default=50)
     p.add_argument("--warmup", type=int, default=10)
-    p.add_argument("--sweep", choices=("decode", "prefill"))
+    p.add_argument("--sweep", choices=("decode",))
     p.add_argument("--json")
     a = p.parse_args()
     shapes = llama_shapes(a.models.split(","))
     batches = [int(b) for b in a.batches.split(",")]
     console = Console(width=160)
     if a.sweep:
-        fn = sweep_decode if a.sweep == "decode" else sweep_prefill
-        rows = fn(shapes, batches, a.reps)
+        rows = sweep_decode(shapes, batches, a.reps)
         for r in best_per_case(rows):
             auto = next(x for x in rows if x["auto"] and x["name"] == r["name"] and x["batch"] == r["batch"])
             console.print(f"{r['name']:>14} b={r['batch']:<4} best {r['config']} {r['ms']:.4f} ms; "

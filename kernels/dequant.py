@@ -1,10 +1,10 @@
-"""Triton building blocks shared by the decode and prefill kernels: decode a tile of packed codes and stats.
+"""Triton building blocks shared by the kernels: decode packed codes and statistics in registers.
 
-A tile is 4-D ``[NGI, GS_T, BW, CP]``: ``NGI`` k-sub-tiles of ``GS_T`` permuted input columns (each inside one
-group of the layer's statistics), ``BW`` packed word columns and ``CP`` of the ``cpw`` codes in each word. Word
-column ``w`` and code slot ``c`` are output row ``n = w * cpw + c`` (codes are packed along N, see layout.py),
-so one coalesced ``[NGI, GS_T, BW]`` load of int32 words feeds ``CP`` rows each, and the statistics of a whole
-``[NGI, 1, BW, CP]`` slice are decoded once and broadcast over the ``GS_T`` columns.
+Kernels work on 3-D tiles ``[KW, BW, slots]``: ``KW`` k-tiles (one per warp), ``BW`` packed word columns (one
+per lane) and ``CP`` of the ``cpw`` codes in each word. Word column ``w`` and slot ``c`` are output row
+``n = w * cpw + c`` (codes are packed along N, see layout.py). Every tensor of a kernel's inner loop is a
+broadcast of the ``[KW, BW, 1]`` word loads, so each thread decodes its own words and their statistics in
+registers, with no shuffle through shared memory.
 
 ``cpw`` is 10 for 3-bit codes, which is not a power of two; a kernel therefore decodes a word in two parts,
 slots ``[0, CP1)`` and ``[CP1, cpw)`` with ``CP1`` the largest power of two <= ``cpw`` (8 + 2 for 3-bit codes),
@@ -16,7 +16,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-MAGIC = tl.constexpr(0x4B000000)  # 2^23 as fp32 bits: or-ing a small integer into the mantissa gives 2^23 + q
+ONE_BITS = 0x3F800000  # 1.0 as fp32 bits (see mantissa_codes)
 
 
 def split_slots(cpw: int) -> tuple[int, int]:
@@ -29,70 +29,49 @@ def split_slots(cpw: int) -> tuple[int, int]:
 
 
 @triton.jit
-def slot_codes(words, C0: tl.constexpr, CP: tl.constexpr, WBITS: tl.constexpr):
-    """int32 words of any shape ``[...]`` -> fp32 codes ``[..., CP]`` of slots ``C0 .. C0+CP-1``.
-
-    int->float goes through the 2^23 magic number (shift, mask|or, one fp32 subtract), which runs on the
-    integer and FP32 pipes instead of the quarter-rate conversion unit.
-    """
-    MASK: tl.constexpr = (1 << WBITS) - 1
-    shifts = ((C0 + tl.arange(0, CP)) * WBITS).to(tl.uint32)
-    bits = ((tl.expand_dims(words, -1).to(tl.uint32, bitcast=True) >> shifts) & MASK) | MAGIC
-    return bits.to(tl.float32, bitcast=True) - 8388608.0
+def _mantissa_top(C0: tl.constexpr, CP: tl.constexpr, BITS: tl.constexpr, WINDOW: tl.constexpr):
+    """Mantissa bit where ``mantissa_codes`` puts the code of each slot ``C0 .. C0+CP-1`` (``[CP]``)."""
+    pos = (C0 + tl.arange(0, CP)) * BITS
+    if WINDOW:
+        top = 11 + pos % 12
+    else:
+        top = pos * 0 + (23 - BITS)
+    return top
 
 
 @triton.jit
-def slot_bits(words, C0: tl.constexpr, CP: tl.constexpr, WBITS: tl.constexpr):
-    """``[BW, 1]`` int32 words -> fp32 codes ``[BW, CP]`` of slots ``C0 .. C0+CP-1`` (no layout change).
-
-    Same arithmetic as ``slot_codes``; taking the words as a ``[BW, 1]`` column keeps them in the layout of the
-    ``[BW, CP]`` result, so the decode kernel needs no shared-memory shuffle per loaded row.
-    """
-    MASK: tl.constexpr = (1 << WBITS) - 1
-    shifts = ((C0 + tl.arange(0, CP)) * WBITS).to(tl.uint32)[None, :]
-    bits = ((words.to(tl.uint32, bitcast=True) >> shifts) & MASK) | MAGIC
-    return bits.to(tl.float32, bitcast=True) - 8388608.0
+def mantissa_alpha(C0: tl.constexpr, CP: tl.constexpr, BITS: tl.constexpr, WINDOW: tl.constexpr):
+    """fp32 ``alpha`` ``[CP]`` of ``mantissa_codes``: ``q = alpha (f - 1)`` (a power of two per slot)."""
+    return (1 << (23 - _mantissa_top(C0, CP, BITS, WINDOW))).to(tl.float32)
 
 
 @triton.jit
-def _pick(ptr, st0, ok0, ok1, second):
-    """Per row, the second-level value of block ``st0`` or ``st0 + 1`` (two loads per word, not one per row)."""
-    lo = tl.load(ptr + st0, mask=ok0, other=0.0).to(tl.float32)
-    hi = tl.load(ptr + st0 + 1, mask=ok1, other=0.0).to(tl.float32)
-    return tl.where(second, hi, lo)
+def mantissa_codes(words, one, C0: tl.constexpr, CP: tl.constexpr, BITS: tl.constexpr, WINDOW: tl.constexpr):
+    """int32 words ``[..., 1]`` -> fp32 ``f = 1 + q / alpha`` ``[..., CP]`` of slots ``C0 .. C0+CP-1``.
 
-
-@triton.jit
-def word_stats(g, offs_w, w_ok, N, G, WS, NB, qs_ptr, qz_ptr, ss_ptr, zs_ptr,
-               CPW: tl.constexpr, C0: tl.constexpr, CP: tl.constexpr, STAT_BITS: tl.constexpr,
-               BETA2: tl.constexpr):
-    """``(scale, zero * scale)`` ``[BW, CP]`` for quantized stats packed like the codes (``stat_bits == wbits``).
-
-    Then row ``w * CPW + c``'s stat codes sit in stat word ``w`` at slot ``c``: one load per word and stat
-    instead of one per row. The second-level block of a row is one of two per word (a word's ``CPW`` rows
-    straddle at most one ``BETA2`` boundary when ``CPW <= BETA2``), so 2 loads per word and array suffice.
+    The code is moved under the exponent of 1.0 (mantissa bits ``top .. top+BITS-1``) and or-ed with
+    ``0x3F800000``: no int->float conversion and no per-weight subtract. A dot product with these values is
+    ``sum_k x_k + (1 / alpha) sum_k q_k x_k``; the caller removes ``sum_k x_k`` once per group, and with ``top >= 11``
+    the code part keeps >= 12 significant bits of every fp32 product. With ``WINDOW`` (when every slot fits, see
+    ``window_fits``) slots are moved in 12-bit blocks to ``top = 11 + pos % 12``, so one shift serves several
+    slots (2 shifts per 3-bit word instead of 10); otherwise every slot goes to the top (``alpha = 2^BITS``).
+    The words come with a trailing unit dimension so that the result is a broadcast of their layout (each thread
+    decodes its own words in registers, no layout conversion). ``one`` is ``ONE_BITS`` passed in as a *runtime*
+    kernel argument: then ptxas keeps it in a register and encodes each slot's mask as the and-or's immediate
+    (with both constant it re-materialises a mask per weight, one extra instruction per weight).
     """
-    SMASK: tl.constexpr = (1 << STAT_BITS) - 1
-    slot = (C0 + tl.arange(0, CP))[None, :]
-    n = offs_w * CPW + slot
-    g_ok = w_ok & ((offs_w * 0 + g) < G)  # a tensor: the interpreter rejects scalar masks
-    n_ok = g_ok & (n < N)
-    shifts = (slot * STAT_BITS).to(tl.uint32)
-    sw = tl.load(qs_ptr + g * WS + offs_w, mask=g_ok, other=0).to(tl.uint32, bitcast=True)
-    zw = tl.load(qz_ptr + g * WS + offs_w, mask=g_ok, other=0).to(tl.uint32, bitcast=True)
-    sc = ((sw >> shifts) & SMASK).to(tl.float32)
-    zc = ((zw >> shifts) & SMASK).to(tl.float32)
-    b0 = (offs_w * CPW) // BETA2  # [BW, 1] block of the word's first row
-    second = (n // BETA2) > b0  # [BW, CP] rows past the boundary use block b0 + 1
-    st0 = g * NB + b0
-    ok0 = g_ok
-    ok1 = ok0 & (b0 + 1 < NB)
-    plane = G * NB
+    top = _mantissa_top(C0, CP, BITS, WINDOW)
+    d = top - (C0 + tl.arange(0, CP)) * BITS
+    w = words.to(tl.uint32, bitcast=True)
+    moved = tl.where(d >= 0, w << tl.maximum(d, 0).to(tl.uint32), w >> tl.maximum(-d, 0).to(tl.uint32))
+    mask = (((1 << BITS) - 1) << top).to(tl.uint32)
+    return ((moved & mask) | one.to(tl.uint32, bitcast=True)).to(tl.float32, bitcast=True)
 
-    s = _pick(ss_ptr, st0, ok0, ok1, second) * (sc - _pick(ss_ptr + plane, st0, ok0, ok1, second))
-    z = _pick(zs_ptr, st0, ok0, ok1, second) * (zc - _pick(zs_ptr + plane, st0, ok0, ok1, second))
-    s = tl.where(n_ok, s, 0.0)
-    return s, tl.where(n_ok, z * s, 0.0)
+
+def window_fits(bits: int) -> bool:
+    """Whether ``mantissa_codes(..., WINDOW=True)`` can place every slot of a ``bits``-bit word (no code crosses
+    a 12-bit block)."""
+    return all((c * bits) % 12 <= 12 - bits for c in range(32 // bits))
 
 
 @triton.jit
@@ -122,19 +101,46 @@ def group_stats(g, n, n_ok, N, G, WS, NB, sc_ptr, zr_ptr, qs_ptr, qz_ptr, ss_ptr
 
 
 @triton.jit
-def dequant_part(words, g, offs_w, N, G, WS, NB, sc_ptr, zr_ptr, qs_ptr, qz_ptr, ss_ptr, zs_ptr,
-                 CPW: tl.constexpr, C0: tl.constexpr, CP: tl.constexpr, WBITS: tl.constexpr,
-                 STAT_BITS: tl.constexpr, BETA2: tl.constexpr):
-    """fp32 weights ``[NGI, GS_T, BW, CP]`` of rows ``offs_w * CPW + C0 + c`` from a ``[NGI, GS_T, BW]`` word tile.
+def _pair(ptr, st0, ok0, ok1):
+    """fp32 second-level values of blocks ``st0`` and ``st0 + 1`` (a word's rows straddle at most two blocks)."""
+    lo = tl.load(ptr + st0, mask=ok0, other=0.0).to(tl.float32)
+    hi = tl.load(ptr + st0 + 1, mask=ok1, other=0.0).to(tl.float32)
+    return lo, hi
 
-    ``g`` is ``[NGI, 1, 1, 1]`` (the group of each k-sub-tile); returns the rows ``n`` ``[1, 1, BW, CP]`` too.
+
+@triton.jit
+def word_stat(q_ptr, st_ptr, plane, g, WS, offs_w, st0, ok0, ok1, second, one, C0: tl.constexpr, CP: tl.constexpr,
+               STAT_BITS: tl.constexpr):
+    """First-level stat ``a (code - b)`` ``[KW, BW, CP]`` of a word's rows, from stat codes packed like the codes.
+
+    ``code = 2^bits (f - 1)`` with ``f`` from ``mantissa_codes``, so the stat is one FMA, ``A f - B``, with
+    ``A = 2^bits a`` and ``B = a (2^bits + b)`` computed once per word and second-level block.
     """
-    n = offs_w[None, None, :, None] * CPW + (C0 + tl.arange(0, CP))[None, None, None, :]
-    n_ok = (n < N) & (g < G)  # sub-tiles past K (when NGI * GS_T does not divide it) read no stats
-    s, zs = group_stats(g, n, n_ok, N, G, WS, NB, sc_ptr, zr_ptr, qs_ptr, qz_ptr, ss_ptr, zs_ptr,
-                        STAT_BITS, BETA2)
-    q = slot_codes(words, C0, CP, WBITS)
-    return q * s - zs, n
+    TWO: tl.constexpr = 1 << STAT_BITS
+    f = mantissa_codes(tl.load(q_ptr + g * WS + offs_w, mask=ok0, other=0), one, C0, CP, STAT_BITS, False)
+    a_lo, a_hi = _pair(st_ptr, st0, ok0, ok1)
+    b_lo, b_hi = _pair(st_ptr + plane, st0, ok0, ok1)
+    a = tl.where(second, a_hi * TWO, a_lo * TWO)
+    b = tl.where(second, a_hi * (TWO + b_hi), a_lo * (TWO + b_lo))
+    return a * f - b
+
+
+@triton.jit
+def part_stats(g, ok, offs_w, n, second, one, N, G, WS, NB, sc_ptr, zr_ptr, qs_ptr, qz_ptr, ss_ptr, zs_ptr,
+                CPW: tl.constexpr, C0: tl.constexpr, CP: tl.constexpr, STAT_BITS: tl.constexpr,
+                BETA2: tl.constexpr, WORD_STATS: tl.constexpr):
+    """fp32 ``(scale, zero * scale)`` ``[KW, BW, CP]`` of rows ``n`` ``[1, BW, CP]`` in groups ``g`` ``[KW, BW, 1]``."""
+    if WORD_STATS:
+        b0 = (offs_w * CPW) // BETA2  # [1, BW, 1] second-level block of the word's first row
+        st0 = g * NB + b0
+        ok1 = ok & (b0 + 1 < NB)
+        s = word_stat(qs_ptr, ss_ptr, G * NB, g, WS, offs_w, st0, ok, ok1, second, one, C0, CP, STAT_BITS)
+        z = word_stat(qz_ptr, zs_ptr, G * NB, g, WS, offs_w, st0, ok, ok1, second, one, C0, CP, STAT_BITS)
+        zs = z * s
+    else:
+        s, zs = group_stats(g, n, (n < N) & ok, N, G, WS, NB, sc_ptr, zr_ptr, qs_ptr, qz_ptr, ss_ptr, zs_ptr,
+                            STAT_BITS, BETA2)
+    return s, zs
 
 
 def stat_args(pw, dummy) -> tuple:  # noqa: ANN001 (PackedWeight, torch.Tensor)

@@ -1,13 +1,17 @@
-"""Dequantize a packed layer to a dense fp16 ``W^T`` (``[K, N]``, permuted column order) for large-batch prefill.
+"""Dequantize a packed layer to a dense fp16 ``W^T`` (``[K, N]``, permuted column order) for multi-token calls.
 
-Above a few dozen tokens a matmul is compute-bound, and cuBLAS on a dense fp16 weight beats any fused kernel we
-have; writing the dense weight once costs ~2.5 bytes per weight of traffic, small next to the matmul at
-hundreds of tokens. The tile decode is the same as the other kernels' (``dequant.py``). The outliers are written
-into the dense copy at their permuted positions, so ``x[:, perm] @ W^T`` is the whole product.
+From two tokens on, ``ops.spqr_linear`` writes the dense weight once and hands the product to cuBLAS: measured on
+an H100, this beats a fused tensor-core kernel we had (which re-decoded every tile per 16-token block) at every
+batch size, and the extra traffic (~2.5 bytes per weight) is a fixed cost next to the matmul.
 
-Precision: the weight copy is fp16 (exactly the stored decode rounded once, as ``unpack`` produces), the matmul is
-cuBLAS fp16 with its default accumulation, and bf16 activations are converted to fp16 (activations beyond fp16's
-range, |x| > 65504, are not supported on this path).
+The kernel has the decode kernel's structure (``dequant.py``): a program owns ``BW`` word columns (one per lane)
+and ``KW`` k-tiles (one per warp); each thread loads its ``GS_T`` words of one tile, decodes the tile's
+statistics once and writes ``w = s q - s z`` (``q`` from ``mantissa_codes``). The outliers
+are then written into the dense copy at their permuted positions, so ``x[:, perm] @ W^T`` is the whole product.
+
+Precision: the weight copy is fp16 (the stored decode rounded once, as ``unpack`` produces), the matmul is cuBLAS
+fp16 with its default accumulation, and bf16 activations are converted to fp16 (activations beyond fp16's range,
+|x| > 65504, are not supported on this path).
 """
 
 from __future__ import annotations
@@ -16,39 +20,59 @@ import torch
 import triton
 import triton.language as tl
 
-from .dequant import dequant_part, layout_args, stat_args
+from .dequant import ONE_BITS, layout_args, mantissa_alpha, mantissa_codes, part_stats, stat_args, window_fits
 from .layout import PackedWeight
 from .outliers import prepare
 
 
 @triton.jit
-def _store_part(out_ptr, w, n, k, N, K):
-    ok = (n < N) & (k[:, :, None, None] < K)
-    tl.store(out_ptr + k[:, :, None, None] * N + n, w.to(tl.float16), mask=ok)
+def _write_part(out_ptr, words, k, a, b, rows, ok, one, C0: tl.constexpr, CP: tl.constexpr, WBITS: tl.constexpr,
+                WINDOW: tl.constexpr, N):
+    """Store ``a (f - 1) - b`` (``= s q - s z``) of slots ``C0 ..`` of one row of words as fp16 ``W^T[k, rows]``.
+
+    ``f - 1 = q / alpha`` is exact, so this rounds like the reference's ``s (q - z)`` (no cancellation against
+    ``a f``, which would cost ~11 bits when ``q`` is close to ``z``).
+    """
+    w = a * (mantissa_codes(words, one, C0, CP, WBITS, WINDOW) - 1.0) - b
+    tl.store(out_ptr + k * N + rows, w.to(tl.float16), mask=ok)
 
 
 @triton.jit
 def _dequant_kernel(
     qw_ptr, sc_ptr, zr_ptr, qs_ptr, qz_ptr, ss_ptr, zs_ptr, out_ptr,
-    N, K, W, WS, G, NB,
+    N, K, WS, G, NB, num_tiles, one, W: tl.constexpr,
     WBITS: tl.constexpr, CPW: tl.constexpr, CP1: tl.constexpr, CP2: tl.constexpr,
-    GS: tl.constexpr, GS_T: tl.constexpr, NGI: tl.constexpr, BW: tl.constexpr,
-    STAT_BITS: tl.constexpr, BETA2: tl.constexpr,
+    GS: tl.constexpr, GS_T: tl.constexpr, STAT_BITS: tl.constexpr, BETA2: tl.constexpr,
+    BW: tl.constexpr, KW: tl.constexpr, WINDOW: tl.constexpr, WORD_STATS: tl.constexpr,
 ):
-    pid_w = tl.program_id(0)
-    t = tl.program_id(1)
-    offs_w = pid_w * BW + tl.arange(0, BW)
-    k = (t * NGI + tl.arange(0, NGI)[:, None]) * GS_T + tl.arange(0, GS_T)[None, :]  # [NGI, GS_T]
-    words = tl.load(qw_ptr + k[:, :, None] * W + offs_w[None, None, :],
-                    mask=(k < K)[:, :, None] & (offs_w < W)[None, None, :], other=0)
-    g = (((t * NGI + tl.arange(0, NGI)) * GS_T) // GS)[:, None, None, None]
-    w1, n1 = dequant_part(words, g, offs_w, N, G, WS, NB, sc_ptr, zr_ptr, qs_ptr, qz_ptr, ss_ptr, zs_ptr,
-                          CPW, 0, CP1, WBITS, STAT_BITS, BETA2)
-    _store_part(out_ptr, w1, n1, k, N, K)
+    CPB: tl.constexpr = CP2 if CP2 > 0 else 1
+    offs_w = (tl.program_id(0) * BW + tl.arange(0, BW))[None, :, None]  # [1, BW, 1] word columns
+    col = tl.minimum(offs_w, W - 1)  # columns past W re-read the last one; their rows are >= N, never stored
+    t = tl.program_id(1) * KW + tl.arange(0, KW)[:, None, None] + col * 0  # [KW, BW, 1] k-tile of each warp
+    t_ok = t < num_tiles
+    n1 = col * CPW + tl.arange(0, CP1)[None, None, :]
+    n2 = col * CPW + CP1 + tl.arange(0, CPB)[None, None, :]
+    b0 = (col * CPW) // BETA2
+    g = (t * GS_T) // GS
+    s, zs = part_stats(g, t_ok, col, n1, (n1 // BETA2) > b0, one, N, G, WS, NB, sc_ptr, zr_ptr, qs_ptr, qz_ptr,
+                       ss_ptr, zs_ptr, CPW, 0, CP1, STAT_BITS, BETA2, WORD_STATS)
+    a1 = s * mantissa_alpha(0, CP1, WBITS, WINDOW)  # w = s (alpha (f - 1) - z)
+    b1 = zs
+    rows1 = offs_w * CPW + tl.arange(0, CP1)[None, None, :]
+    ok1 = (rows1 < N) & t_ok
+    rows2 = offs_w * CPW + CP1 + tl.arange(0, CPB)[None, None, :]
+    ok2 = (rows2 < N) & t_ok & (CP2 > 0)
     if CP2 > 0:
-        w2, n2 = dequant_part(words, g, offs_w, N, G, WS, NB, sc_ptr, zr_ptr, qs_ptr, qz_ptr, ss_ptr, zs_ptr,
-                              CPW, CP1, CP2, WBITS, STAT_BITS, BETA2)
-        _store_part(out_ptr, w2, n2, k, N, K)
+        s, zs = part_stats(g, t_ok, col, n2, (n2 // BETA2) > b0, one, N, G, WS, NB, sc_ptr, zr_ptr, qs_ptr,
+                           qz_ptr, ss_ptr, zs_ptr, CPW, CP1, CP2, STAT_BITS, BETA2, WORD_STATS)
+        a2 = s * mantissa_alpha(CP1, CPB, WBITS, WINDOW)
+        b2 = zs
+    for r in tl.static_range(GS_T):  # W is a constexpr: the rows of a tile are immediate offsets
+        k = t * GS_T + r
+        words = tl.load(qw_ptr + t * (GS_T * W) + r * W + col, mask=t_ok, other=0)
+        _write_part(out_ptr, words, k, a1, b1, rows1, ok1, one, 0, CP1, WBITS, WINDOW, N)
+        if CP2 > 0:
+            _write_part(out_ptr, words, k, a2, b2, rows2, ok2, one, CP1, CPB, WBITS, WINDOW, N)
 
 
 def dequantize_t(pw: PackedWeight) -> torch.Tensor:
@@ -56,13 +80,15 @@ def dequantize_t(pw: PackedWeight) -> torch.Tensor:
     n, k = pw.out_features, pw.in_features
     t = pw.tensors
     sizes, meta = layout_args(pw)
-    words, gs_t = sizes[0], meta["GS_T"]
-    ngi, bw = max(1, 32 // gs_t), 16
+    words, gs_t, cpw = sizes[0], meta["GS_T"], meta["CPW"]
+    bw, kw = min(32, triton.next_power_of_2(words)), 4
+    num_tiles = triton.cdiv(k, gs_t)
     out = torch.empty(k, n, device=t["qweight"].device, dtype=torch.float16)
     dummy = t["qweight"]
-    _dequant_kernel[(triton.cdiv(words, bw), triton.cdiv(k, gs_t * ngi))](
+    _dequant_kernel[(triton.cdiv(words, bw), triton.cdiv(num_tiles, kw))](
         t["qweight"], *stat_args(pw, dummy), out,
-        n, k, *sizes, **meta, NGI=ngi, BW=bw, num_warps=4,
+        n, k, *sizes[1:], num_tiles, ONE_BITS, W=words, **meta, BW=bw, KW=kw, WINDOW=window_fits(pw.wbits),
+        WORD_STATS=pw.stat_bits == pw.wbits and cpw <= max(pw.beta2, 1), num_warps=kw,
     )
     if pw.nnz:
         ptr = t["outlier_row_ptr"].long()

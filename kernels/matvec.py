@@ -2,21 +2,23 @@
 
 Batch-1 decode is memory-bound: the kernel must keep many bytes in flight and spend few instructions per weight.
 
-- Codes are packed along N (layout.py): a program owns ``BW`` words (``BW * cpw`` output rows) and walks its
-  share of K one k-tile of ``GS_T`` columns (inside one group) at a time, unrolled, so each thread has
-  ``GS_T`` independent coalesced word loads in flight. Each word held as a ``[BW, 1]`` column is shifted into
-  its ``cpw`` codes without a layout change; per weight that is a shift, a bit-field extract, an or and an fp32
-  subtract (2^23 magic number instead of the quarter-rate int->float unit) and one FMA.
-- Statistics are applied per group, not per weight: ``y += s * sum_k q_k x_k - s * z * sum_k x_k``. When the
-  stat codes are packed like the codes (``stat_bits == wbits``) one stat word serves a code word's rows
-  (``dequant.word_stats``). The activations are read through the permutation (``x[perm[k]]``, one address per
-  k for the whole program), so the weight is never un-permuted and no gather launch is needed.
-- Split-K gives every layer enough programs to fill the GPU. The pieces are summed with fp32 atomics into a
-  per-layer scratch row; the last program of a row block (an atomic ticket) reads the sum back while zeroing it,
-  adds the bias and stores the result. The scratch therefore returns to zero after every call and no memset or
-  epilogue launch is needed (one launch per linear; concurrent calls on one layer from two streams would race).
-- The outliers of the program's rows are added by the split programs in turn (row-wise CSR, strided by the
-  split index) from the runtime residuals of ``outliers.prepare`` (outlier value minus the dense decode).
+- Work split. A program owns ``BW`` packed word columns (``BW * cpw`` output rows) and a ``1 / SPLIT`` share of
+  the k-tiles (``GS_T`` permuted columns inside one group). Its ``KW`` warp rows take ``KW`` consecutive k-tiles
+  per iteration; a thread owns one word column of one k-tile, so its ``GS_T`` word loads are independent and in
+  flight together, and the k reduction of a tile stays in the thread's registers. Partial row sums are kept per
+  warp row and reduced across warps once, at the end.
+- Per weight: an and-or moves the code under the exponent of 1.0 (``dequant.mantissa_codes``: ``f = 1 + q /
+  alpha``, one shift serves several codes) and one FMA accumulates ``f * x``. Statistics are applied per group:
+  ``sum_k s (q_k - z) x_k = s (alpha (P - X) - z X)`` with ``P = sum_k f_k x_k`` and ``X = sum_k x_k``.
+- The activations are read through the permutation (``x[perm[k]]``), so the weight is never un-permuted and no
+  gather launch is needed.
+- Outliers (row-wise CSR of runtime residuals, ``outliers.prepare``): each program takes a slice of its block's
+  rows and walks their outliers with coalesced ``[R, L]`` tiles (rows x consecutive entries), so a row's entries
+  are read contiguously instead of one scattered load per row per step.
+- The pieces are summed with fp32 atomics into a per-layer scratch row; the last program of a row block (an
+  atomic ticket) reads the sum back while zeroing it, adds the bias and stores the result. The scratch returns
+  to zero after every call, so no memset or epilogue launch is needed (one launch per linear; concurrent calls
+  on one layer from two streams would race).
 """
 
 from __future__ import annotations
@@ -27,7 +29,16 @@ import torch
 import triton
 import triton.language as tl
 
-from .dequant import group_stats, layout_args, slot_bits, stat_args, tile_k, word_stats
+from .dequant import (
+    ONE_BITS,
+    layout_args,
+    mantissa_alpha,
+    mantissa_codes,
+    part_stats,
+    stat_args,
+    tile_k,
+    window_fits,
+)
 from .layout import PackedWeight
 from .outliers import prepare
 
@@ -39,121 +50,137 @@ def _num_sms() -> int:
 
 
 @triton.jit
-def _outliers_part(total, n, n_ok, x_ptr, rp_ptr, oc_ptr, od_ptr, pid_k, SPLIT):
-    """``total[w, c] += sum_i delta_i * x[col_i]`` over this split's share of row ``n``'s outliers."""
-    start = tl.load(rp_ptr + n, mask=n_ok, other=0)
-    cnt = tl.load(rp_ptr + n + 1, mask=n_ok, other=0) - start
-    longest = tl.max(tl.max(cnt, axis=1), axis=0)
-    for j in range(pid_k, longest, SPLIT):
-        live = j < cnt
-        col = tl.load(oc_ptr + start + j, mask=live, other=0)
-        d = tl.load(od_ptr + start + j, mask=live, other=0.0)
-        total += d * tl.load(x_ptr + col, mask=live, other=0.0).to(tl.float32)
-    return total
+def _outliers(x_ptr, rp_ptr, oc_ptr, od_ptr, acc_ptr, row0, row_end, rows_per, R: tl.constexpr,
+              L: tl.constexpr):
+    """``acc[n] += sum_i delta_i * x[col_i]`` for rows ``[row0, min(row0 + rows_per, row_end))``.
+
+    A ``[R, L]`` tile holds ``L`` consecutive entries of each of ``R`` rows, so loads are contiguous in a row.
+    """
+    for r0 in range(0, rows_per, R):
+        rows = row0 + r0 + tl.arange(0, R)
+        r_ok = (r0 + tl.arange(0, R) < rows_per) & (rows < row_end)
+        start = tl.load(rp_ptr + rows, mask=r_ok, other=0)
+        cnt = tl.load(rp_ptr + rows + 1, mask=r_ok, other=0) - start
+        total = tl.zeros([R], dtype=tl.float32)
+        for j0 in range(0, tl.max(cnt, axis=0), L):
+            j = j0 + tl.arange(0, L)[None, :]
+            live = j < cnt[:, None]
+            idx = start[:, None] + j
+            col = tl.load(oc_ptr + idx, mask=live, other=0)
+            d = tl.load(od_ptr + idx, mask=live, other=0.0)
+            total += tl.sum(d * tl.load(x_ptr + col, mask=live, other=0.0).to(tl.float32), axis=1)
+        tl.atomic_add(acc_ptr + rows, total, mask=r_ok & (cnt > 0), sem="relaxed")
 
 
 @triton.jit
-def _finish_part(total, n, n_ok, acc_ptr, out_ptr, bias_ptr, is_last, HAS_BIAS: tl.constexpr,
-                 SPLIT_K: tl.constexpr):
-    if SPLIT_K:  # read the sum at L2 (an atomic, so no stale cache line), then leave the scratch at zero
-        total = tl.atomic_add(acc_ptr + n, tl.zeros_like(total), mask=n_ok & is_last)
-        tl.store(acc_ptr + n, tl.zeros_like(total), mask=n_ok & is_last)
+def _finish(n, ok, acc_ptr, out_ptr, bias_ptr, HAS_BIAS: tl.constexpr):
+    """Read the summed rows at L2 (an atomic, so no stale cache line), leave the scratch at zero, store ``y``."""
+    total = tl.atomic_add(acc_ptr + n, tl.zeros(n.shape, tl.float32), mask=ok, sem="relaxed")
+    tl.store(acc_ptr + n, tl.zeros(n.shape, tl.float32), mask=ok)
     if HAS_BIAS:
-        total += tl.load(bias_ptr + n, mask=n_ok, other=0.0).to(tl.float32)
-    tl.store(out_ptr + n, total.to(out_ptr.dtype.element_ty), mask=n_ok & is_last)
+        total += tl.load(bias_ptr + n, mask=ok, other=0.0).to(tl.float32)
+    total = tl.where(ok, total, 0.0)  # lanes of other programs hold no sum
+    tl.store(out_ptr + n, total.to(out_ptr.dtype.element_ty), mask=ok)
 
 
 @triton.jit
 def _matvec_kernel(
     x_ptr, perm_ptr, qw_ptr, sc_ptr, zr_ptr, qs_ptr, qz_ptr, ss_ptr, zs_ptr,
     rp_ptr, oc_ptr, od_ptr, bias_ptr, acc_ptr, cnt_ptr, out_ptr,
-    N, K, W, WS, G, NB, tiles_per_split, num_tiles, SPLIT,
+    N, K, WS, G, NB, num_tiles, iters_per_split, SPLIT, rows_per_split, one, W: tl.constexpr,
     WBITS: tl.constexpr, CPW: tl.constexpr, CP1: tl.constexpr, CP2: tl.constexpr,
-    GS: tl.constexpr, GS_T: tl.constexpr, NGI: tl.constexpr, BW: tl.constexpr,
-    STAT_BITS: tl.constexpr, BETA2: tl.constexpr, SPLIT_K: tl.constexpr, WORD_STATS: tl.constexpr,
-    HAS_PERM: tl.constexpr, HAS_OUTLIERS: tl.constexpr, HAS_BIAS: tl.constexpr,
+    GS: tl.constexpr, GS_T: tl.constexpr, STAT_BITS: tl.constexpr, BETA2: tl.constexpr,
+    BW: tl.constexpr, KW: tl.constexpr, R: tl.constexpr, L: tl.constexpr, WINDOW: tl.constexpr,
+    WORD_STATS: tl.constexpr, EVEN_K: tl.constexpr, HAS_PERM: tl.constexpr, HAS_OUTLIERS: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
 ):
+    CPB: tl.constexpr = CP2 if CP2 > 0 else 1
     pid_w = tl.program_id(0)
     pid_k = tl.program_id(1)
-    offs_w = (pid_w * BW + tl.arange(0, BW))[:, None]  # [BW, 1]: words keep the layout of the [BW, CP] tiles
-    w_ok = offs_w < W
-    n1 = offs_w * CPW + tl.arange(0, CP1)[None, :]  # [BW, CP1] output rows of slots 0..CP1-1
-    n1_ok = n1 < N
-    n2 = offs_w * CPW + CP1 + tl.arange(0, CP2 if CP2 > 0 else 1)[None, :]
-    n2_ok = (n2 < N) & (CP2 > 0)
-    total1 = tl.zeros([BW, CP1], dtype=tl.float32)
-    total2 = tl.zeros([BW, CP2 if CP2 > 0 else 1], dtype=tl.float32)
-    t_start = pid_k * tiles_per_split
-    t_end = tl.minimum(t_start + tiles_per_split, num_tiles)
-    for t in range(t_start, t_end):  # NGI k-tiles of GS_T permuted columns, each inside one group
-        for gi in tl.static_range(NGI):
-            part1 = tl.zeros([BW, CP1], dtype=tl.float32)
-            part2 = tl.zeros([BW, CP2 if CP2 > 0 else 1], dtype=tl.float32)
-            xs = 0.0
-            for r in tl.static_range(GS_T):  # unrolled: NGI * GS_T independent word loads in flight per thread
-                k = (t * NGI + gi) * GS_T + r
-                k_ok = (offs_w * 0 + k) < K
-                if HAS_PERM:  # x is read through the permutation: no gather launch before the kernel
-                    src = tl.load(perm_ptr + k + offs_w * 0, mask=k_ok, other=0)
-                else:
-                    src = k + offs_w * 0
-                xk = tl.load(x_ptr + src, mask=k_ok, other=0.0).to(tl.float32)  # [BW, 1], one address
-                words = tl.load(qw_ptr + k * W + offs_w, mask=w_ok & k_ok, other=0)
-                part1 += slot_bits(words, 0, CP1, WBITS) * xk
-                if CP2 > 0:
-                    part2 += slot_bits(words, CP1, CP2, WBITS) * xk
-                xs += xk
-            g = ((t * NGI + gi) * GS_T) // GS
-            if WORD_STATS:
-                s1, zs1 = word_stats(g, offs_w, w_ok, N, G, WS, NB, qs_ptr, qz_ptr, ss_ptr, zs_ptr, CPW, 0, CP1,
-                                     STAT_BITS, BETA2)
+    # 3-D tiles [KW, BW, slots]: every tensor of the loop is a broadcast of the [KW, BW, 1] word loads, so each
+    # thread decodes and reduces its own words in registers; the dimension order makes Triton's default layout
+    # (lanes along BW, warps along KW) the same as the loads' coalesced one, so even the gathered x needs no
+    # shuffle through shared memory
+    # W is a constexpr so that the k rows of a tile are immediate offsets from one address; columns past W read
+    # column W - 1 (no mask: their rows are >= N and never stored)
+    offs_w = (pid_w * BW + tl.arange(0, BW))[None, :, None]  # [1, BW, 1] word columns
+    col = tl.minimum(offs_w, W - 1)
+    lane_k = tl.arange(0, KW)[:, None, None]  # [KW, 1, 1] the k-tile of each warp row within an iteration
+    n1 = col * CPW + tl.arange(0, CP1)[None, None, :]  # [1, BW, CP1] output rows of slots 0..CP1-1
+    n2 = col * CPW + CP1 + tl.arange(0, CPB)[None, None, :]
+    b0 = (col * CPW) // BETA2
+    second1 = (n1 // BETA2) > b0  # rows past the word's first second-level block
+    second2 = (n2 // BETA2) > b0
+    alpha1 = mantissa_alpha(0, CP1, WBITS, WINDOW)
+    alpha2 = mantissa_alpha(CP1, CPB, WBITS, WINDOW)
+    acc1 = tl.zeros([KW, BW, CP1], dtype=tl.float32)
+    acc2 = tl.zeros([KW, BW, CPB], dtype=tl.float32)
+    it0 = pid_k * iters_per_split
+    for it in range(it0, tl.minimum(it0 + iters_per_split, tl.cdiv(num_tiles, KW))):
+        t = it * KW + lane_k + offs_w * 0  # [KW, BW, 1] k-tile
+        if EVEN_K:  # KW divides the tiles: no masks, so no predicated loads or zero fills
+            t_ok = tl.full(t.shape, True, tl.int1)
+        else:
+            t_ok = t < num_tiles
+        p1 = tl.zeros([KW, BW, CP1], dtype=tl.float32)
+        p2 = tl.zeros([KW, BW, CPB], dtype=tl.float32)
+        xs = tl.zeros([KW, BW, 1], dtype=tl.float32)
+        w_ptr = qw_ptr + t * (GS_T * W) + col  # row r of the tile is at + r * W: an immediate load offset
+        for r in tl.static_range(GS_T):  # unrolled: GS_T independent word loads in flight per thread
+            k = t * GS_T + r
+            if HAS_PERM:
+                src = tl.load(perm_ptr + k, mask=t_ok, other=0)
             else:
-                s1, zs1 = group_stats(g, n1, n1_ok & ((n1 * 0 + g) < G), N, G, WS, NB, sc_ptr, zr_ptr, qs_ptr,
-                                      qz_ptr, ss_ptr, zs_ptr, STAT_BITS, BETA2)
-            total1 += s1 * part1 - zs1 * xs  # sum_k s (q_k - z) x_k = s sum_k q_k x_k - s z sum_k x_k
+                src = k
+            xk = tl.load(x_ptr + src, mask=t_ok, other=0.0).to(tl.float32)
+            words = tl.load(w_ptr + r * W, mask=t_ok, other=0)
+            p1 += mantissa_codes(words, one, 0, CP1, WBITS, WINDOW) * xk
             if CP2 > 0:
-                if WORD_STATS:
-                    s2, zs2 = word_stats(g, offs_w, w_ok, N, G, WS, NB, qs_ptr, qz_ptr, ss_ptr, zs_ptr, CPW, CP1,
-                                         CP2, STAT_BITS, BETA2)
-                else:
-                    s2, zs2 = group_stats(g, n2, n2_ok & ((n2 * 0 + g) < G), N, G, WS, NB, sc_ptr, zr_ptr,
-                                          qs_ptr, qz_ptr, ss_ptr, zs_ptr, STAT_BITS, BETA2)
-                total2 += s2 * part2 - zs2 * xs
+                p2 += mantissa_codes(words, one, CP1, CP2, WBITS, WINDOW) * xk
+            xs += xk
+        g = (t * GS_T) // GS
+        s, zs = part_stats(g, t_ok, col, n1, second1, one, N, G, WS, NB, sc_ptr, zr_ptr, qs_ptr, qz_ptr, ss_ptr,
+                            zs_ptr, CPW, 0, CP1, STAT_BITS, BETA2, WORD_STATS)
+        acc1 += s * (alpha1 * (p1 - xs)) - zs * xs  # sum_k s (q_k - z) x_k
+        if CP2 > 0:
+            s, zs = part_stats(g, t_ok, col, n2, second2, one, N, G, WS, NB, sc_ptr, zr_ptr, qs_ptr, qz_ptr, ss_ptr,
+                                zs_ptr, CPW, CP1, CP2, STAT_BITS, BETA2, WORD_STATS)
+            acc2 += s * (alpha2 * (p2 - xs)) - zs * xs
 
     if HAS_OUTLIERS:
-        total1 = _outliers_part(total1, n1, n1_ok, x_ptr, rp_ptr, oc_ptr, od_ptr, pid_k, SPLIT)
-        if CP2 > 0:
-            total2 = _outliers_part(total2, n2, n2_ok, x_ptr, rp_ptr, oc_ptr, od_ptr, pid_k, SPLIT)
-
-    is_last = tl.full((1,), 1, tl.int32) > 0
-    if SPLIT_K:
-        tl.atomic_add(acc_ptr + n1, total1, mask=n1_ok)
-        if CP2 > 0:
-            tl.atomic_add(acc_ptr + n2, total2, mask=n2_ok)
-        tl.debug_barrier()  # every thread's partial sums are in before this program takes its ticket
-        ticket_ptr = cnt_ptr + pid_w + tl.zeros((1,), tl.int32)
-        is_last = tl.atomic_add(ticket_ptr, 1) == SPLIT - 1
-    _finish_part(total1, n1, n1_ok, acc_ptr, out_ptr, bias_ptr, is_last, HAS_BIAS, SPLIT_K)
+        block0 = pid_w * BW * CPW
+        _outliers(x_ptr, rp_ptr, oc_ptr, od_ptr, acc_ptr, block0 + pid_k * rows_per_split,
+                  tl.minimum(block0 + BW * CPW, N), rows_per_split, R, L)
+    rows1 = tl.sum(offs_w * CPW + tl.arange(0, CP1)[None, None, :], axis=0)  # [BW, CP1] like the row sums
+    rows2 = tl.sum(offs_w * CPW + CP1 + tl.arange(0, CPB)[None, None, :], axis=0)
+    ok1 = rows1 < N  # (columns past W have rows >= W * CPW >= N)
+    ok2 = (rows2 < N) & (CP2 > 0)
+    tl.atomic_add(acc_ptr + rows1, tl.sum(acc1, axis=0), mask=ok1, sem="relaxed")
     if CP2 > 0:
-        _finish_part(total2, n2, n2_ok, acc_ptr, out_ptr, bias_ptr, is_last, HAS_BIAS, SPLIT_K)
-    if SPLIT_K:
-        tl.store(ticket_ptr, 0, mask=is_last)  # the scratch is clean for the next call
+        tl.atomic_add(acc_ptr + rows2, tl.sum(acc2, axis=0), mask=ok2, sem="relaxed")
+    tl.debug_barrier()  # every thread's partial sums are in before this program takes its ticket
+    ticket_ptr = cnt_ptr + pid_w + tl.zeros((1,), tl.int32)
+    is_last = tl.atomic_add(ticket_ptr, 1) == SPLIT - 1
+    _finish(rows1, ok1 & is_last, acc_ptr, out_ptr, bias_ptr, HAS_BIAS)
+    if CP2 > 0:
+        _finish(rows2, ok2 & is_last, acc_ptr, out_ptr, bias_ptr, HAS_BIAS)
+    tl.store(ticket_ptr, 0, mask=is_last)  # the scratch is clean for the next call
 
 
 def pick_config(n: int, k: int, pw: PackedWeight) -> tuple[int, int, int, int]:
-    """``(BW, NGI, SPLIT, num_warps)`` for a layer: ~6 programs per SM, each with >= 2 iterations.
+    """``(BW, KW, SPLIT, num_warps)`` for a layer: 32 word columns (one per lane) x 4 warps per program, each warp
+    on its own k-tile, and as many k-splits as it takes to reach ~4 programs per SM (>= 1 iteration each).
 
-    From sweeps on an H100 (LLaMA-7B/65B shapes, batch 1; benchmarks/bench_layers.py --sweep decode): 4 warps,
-    128 words (1280 rows at 3 bits) per program on wide layers, 32 on narrow ones, one k-tile per iteration (a
-    second one in flight did not help) and as many k-splits as it takes to reach ~6 programs per SM.
+    From sweeps on an H100 (LLaMA-7B/65B shapes, ``benchmarks/bench_layers.py --sweep decode``): 4 warps beat 8
+    and 16 (more, smaller programs), one word column per lane beats 2-8 (x is loaded once per word), and 4
+    programs per SM was best or within 5% of the best split on every shape.
     """
     words = triton.cdiv(n, 32 // pw.wbits)
-    bw = 128 if words >= 1024 else 32
-    ngi = 1
-    tiles = triton.cdiv(k, tile_k(pw.groupsize) * ngi)
-    blocks = triton.cdiv(words, bw)
-    split = max(1, min(triton.cdiv(6 * _num_sms(), blocks), tiles // 2, 128))
-    return bw, ngi, split, 4
+    bw = min(32, triton.next_power_of_2(words))
+    kw = 4
+    iters = triton.cdiv(triton.cdiv(k, tile_k(pw.groupsize)), kw)
+    split = max(1, min(triton.cdiv(4 * _num_sms(), triton.cdiv(words, bw)), iters))
+    return bw, kw, split, kw
 
 
 def _scratch(pw: PackedWeight, rt: dict[str, torch.Tensor], blocks: int, device: torch.device) -> tuple:
@@ -169,7 +196,8 @@ def spqr_matvec(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None = N
                 config: tuple[int, int, int, int] | None = None) -> torch.Tensor:
     """``W @ x + bias`` for one token: ``x`` of shape ``[K]`` or ``[1, K]`` (fp16/bf16); returns the same rank.
 
-    ``config``: optional ``(BW, NGI, SPLIT, num_warps)`` overriding ``pick_config`` (for tuning).
+    ``config``: optional ``(BW, KW, SPLIT, num_warps)`` overriding ``pick_config`` (for tuning); ``BW`` and ``KW``
+    must be powers of two.
     """
     n, k = pw.out_features, pw.in_features
     if x.shape[-1] != k or x.numel() != k:
@@ -179,12 +207,15 @@ def spqr_matvec(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None = N
     xv = x.reshape(k).contiguous()
     t = pw.tensors
     sizes, meta = layout_args(pw)
-    words, gs_t = sizes[0], meta["GS_T"]
-    bw, ngi, split, warps = config or pick_config(n, k, pw)
-    num_tiles = triton.cdiv(k, gs_t * ngi)
-    per_split = triton.cdiv(num_tiles, split)
-    split = triton.cdiv(num_tiles, per_split)
+    words, gs_t, cpw = sizes[0], meta["GS_T"], meta["CPW"]
+    bw, kw, split, warps = config or pick_config(n, k, pw)
+    if bw & (bw - 1) or kw & (kw - 1):
+        raise ValueError(f"BW and KW must be powers of two, got {bw} and {kw}")
+    num_tiles = triton.cdiv(k, gs_t)
+    per_split = triton.cdiv(triton.cdiv(num_tiles, kw), split)
+    split = triton.cdiv(triton.cdiv(num_tiles, kw), per_split)
     blocks = triton.cdiv(words, bw)
+    rows_per_split = triton.cdiv(bw * cpw, split)
     rt = prepare(pw)
     acc, cnt = _scratch(pw, rt, blocks, x.device)
     out = torch.empty(n, device=x.device, dtype=x.dtype)
@@ -193,8 +224,9 @@ def spqr_matvec(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None = N
         xv, t.get("perm", dummy), t["qweight"], *stat_args(pw, dummy),
         rt["row_ptr"], rt.get("outlier_col", dummy), rt.get("outlier_delta", dummy),
         bias if bias is not None else dummy, acc, cnt, out,
-        n, k, *sizes, per_split, num_tiles, split, **meta, NGI=ngi, BW=bw, SPLIT_K=split > 1,
-        WORD_STATS=pw.stat_bits == pw.wbits and 32 // pw.wbits <= max(pw.beta2, 1),
+        n, k, *sizes[1:], num_tiles, per_split, split, rows_per_split, ONE_BITS, W=words, **meta, BW=bw, KW=kw,
+        R=min(32, triton.next_power_of_2(rows_per_split)), L=32, WINDOW=window_fits(pw.wbits),
+        WORD_STATS=pw.stat_bits == pw.wbits and cpw <= max(pw.beta2, 1), EVEN_K=num_tiles % kw == 0,
         HAS_PERM="perm" in t, HAS_OUTLIERS=pw.nnz > 0, HAS_BIAS=bias is not None,
         num_warps=warps,
     )

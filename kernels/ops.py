@@ -1,7 +1,7 @@
 """``spqr_linear``: the one entry point the runtime calls; picks a kernel by token count, layer config and device.
 
-- CUDA tensors: one token goes to the decode kernel (``matvec.py``), up to ``DENSE_MIN_TOKENS`` to the
-  tensor-core kernel (``matmul.py``), more to dequantize-to-fp16 + cuBLAS (``dequantize.py``).
+- CUDA tensors: one token goes to the decode kernel (``matvec.py``), more to dequantize-to-fp16 + cuBLAS
+  (``dequantize.py``).
 - CPU tensors: the torch reference, or the same Triton kernels when ``TRITON_INTERPRET=1`` is set (that is how
   CI tests the kernels without a GPU).
 - Group sizes that are not a multiple of 16 have no kernel; they fall back to the reference on any device.
@@ -17,9 +17,6 @@ from .layout import PackedWeight
 from .reference import linear_reference
 
 _DTYPES = (torch.float16, torch.bfloat16)
-# From this many tokens on, dequantize to a transient fp16 weight and use cuBLAS: on an H100 the fused
-# tensor-core kernel (16-token tiles) loses to it well before a 2048-token prefill.
-DENSE_MIN_TOKENS = 64
 
 
 def _use_triton(device: torch.device) -> bool:
@@ -57,12 +54,10 @@ def spqr_linear(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None = N
     if not _use_triton(x.device) or pw.groupsize % 16:
         y = linear_reference(x2, pw, bias)
     else:
-        from . import dequantize, matmul, matvec  # imported lazily: triton is only needed on this path
+        from . import dequantize, matvec  # imported lazily: triton is only needed on this path
 
         if tokens == 1:
             y = matvec.spqr_matvec(x2, pw, bias)
-        elif tokens < DENSE_MIN_TOKENS:
-            y = matmul.spqr_matmul(x2, pw, bias)
         else:
             y = dequantize.spqr_dense_matmul(x2, pw, bias)
     return y.reshape(*lead, pw.out_features)

@@ -16,7 +16,7 @@ if not torch.cuda.is_available():
 
 from spqr_cli.record import QuantizedLayer  # noqa: E402
 from spqr_cli.testing import random_record  # noqa: E402
-from spqr_kernels import matmul, matvec, ops, reference  # noqa: E402
+from spqr_kernels import dequantize, matvec, ops, reference  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 INTERPRETED = type(matvec._matvec_kernel).__name__ == "InterpretedFunction"
@@ -76,7 +76,7 @@ def test_edge_rows_are_exercised():
 
 
 @needs_triton
-@pytest.mark.parametrize("config", [None, (16, 1, 1, 4), (32, 2, 3, 2)])  # (BW, NGI, SPLIT, warps)
+@pytest.mark.parametrize("config", [None, (16, 1, 1, 4), (32, 2, 3, 2), (8, 4, 2, 1)])  # (BW, KW, SPLIT, warps)
 @pytest.mark.parametrize("case", DECODE_CASES)
 def test_decode_kernel(case, config):
     _, pw = make(case, seed=3)
@@ -88,13 +88,26 @@ def test_decode_kernel(case, config):
 
 
 @needs_triton
-@pytest.mark.parametrize("batch", [1, 3, 33])
 @pytest.mark.parametrize("case", PREFILL_CASES)
-def test_prefill_kernel(case, batch):
+def test_dequantize_kernel(case):
+    """The dense copy equals the reference decode (fp16-rounded), outliers at their permuted rows included."""
+    _, pw = make(case, seed=5)
+    ref_w = reference.dequantize(pw)  # fp32, original column order
+    w_t = dequantize.dequantize_t(pw).float()
+    perm = pw.get("perm")
+    dense = torch.empty_like(ref_w)
+    dense[:, perm.long() if perm is not None else torch.arange(pw.in_features)] = w_t.t()
+    assert torch.allclose(dense, ref_w, rtol=2**-10, atol=1e-6)
+
+
+@needs_triton
+@pytest.mark.parametrize("batch", [2, 33])
+@pytest.mark.parametrize("case", PREFILL_CASES[:5])
+def test_multi_token_path(case, batch):
     _, pw = make(case, seed=batch)
     x = torch.randn(batch, pw.in_features, dtype=torch.bfloat16 if batch == 33 else torch.float16)
     bias = torch.randn(pw.out_features, dtype=x.dtype)
-    check_close(matmul.spqr_matmul(x, pw, bias), reference.linear_reference(x.float(), pw, bias.float()))
+    check_close(ops.spqr_linear(x, pw, bias), reference.linear_reference(x.float(), pw, bias.float()))
 
 
 @needs_triton
@@ -102,9 +115,9 @@ def test_spqr_linear_dispatch_and_shapes():
     _, pw = make((40, 96, 3, 16, 3, True, "edge"))
     x = torch.randn(1, 1, 96, dtype=torch.float16)  # one token: decode kernel
     check_close(ops.spqr_linear(x, pw), reference.linear_reference(x.float(), pw))
-    x = torch.randn(2, 3, 96, dtype=torch.float16)  # 6 tokens: tensor-core kernel
+    x = torch.randn(2, 3, 96, dtype=torch.float16)  # 6 tokens: dense path
     check_close(ops.spqr_linear(x, pw), reference.linear_reference(x.float(), pw))
-    x = torch.randn(17, 96, dtype=torch.bfloat16)  # 17 tokens: tensor-core kernel
+    x = torch.randn(17, 96, dtype=torch.bfloat16)  # 17 tokens, bf16: dense path
     check_close(ops.spqr_linear(x, pw), reference.linear_reference(x.float(), pw))
     assert ops.spqr_linear(torch.randn(0, 96, dtype=torch.float16), pw).shape == (0, 40)
 
@@ -119,7 +132,7 @@ def test_spqr_linear_reference_path(monkeypatch):
         raise AssertionError("a Triton kernel was called on the CPU path")
 
     monkeypatch.setattr(matvec, "spqr_matvec", no_kernel)
-    monkeypatch.setattr(matmul, "spqr_matmul", no_kernel)
+    monkeypatch.setattr(dequantize, "dequantize_t", no_kernel)
     rec, pw = make(DECODE_CASES[2])
     x = torch.randn(5, pw.in_features, dtype=torch.float16)
     expected = (x.float() @ rec.dequantize().float().t()).half()  # the record's decode, not the layout's
@@ -161,23 +174,3 @@ def test_gpu_kernels(case, batch):
     bias = torch.randn(pw.out_features, dtype=torch.float16, device="cuda")
     ref = reference.linear_reference(x.float(), pw, bias.float())
     check_close(ops.spqr_linear(x, pw, bias), ref)
-    if batch == 1:
-        check_close(matmul.spqr_matmul(x, pw, bias), ref)  # the tensor-core kernel at batch 1 too
-
-
-@needs_triton
-@pytest.mark.parametrize("case", PREFILL_CASES)
-def test_dense_prefill_path(case):
-    from spqr_kernels import dequantize
-
-    _, pw = make(case, seed=5)
-    ref_w = reference.dequantize(pw)  # fp32, original column order
-    w_t = dequantize.dequantize_t(pw).float()
-    perm = pw.get("perm")
-    dense = torch.empty_like(ref_w)
-    dense[:, perm.long() if perm is not None else torch.arange(pw.in_features)] = w_t.t()
-    assert torch.allclose(dense, ref_w, rtol=2**-10, atol=1e-6)
-    x = torch.randn(70, pw.in_features, dtype=torch.float16)
-    bias = torch.randn(pw.out_features, dtype=torch.float16)
-    if not CUDA:  # 70 tokens: the dense path (dequantize + torch matmul)
-        check_close(ops.spqr_linear(x, pw, bias), reference.linear_reference(x.float(), pw, bias.float()))
