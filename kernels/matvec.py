@@ -100,9 +100,8 @@ def _matvec_kernel(
     # 3-D tiles [KW, BW, slots]: every tensor of the loop is a broadcast of the [KW, BW, 1] word loads, so each
     # thread decodes and reduces its own words in registers; the dimension order makes Triton's default layout
     # (lanes along BW, warps along KW) the same as the loads' coalesced one, so even the gathered x needs no
-    # shuffle through shared memory
-    # W is a constexpr so that the k rows of a tile are immediate offsets from one address; columns past W read
-    # column W - 1 (no mask: their rows are >= N and never stored)
+    # shuffle through shared memory. W is a constexpr so that the k rows of a tile are immediate offsets from one
+    # address; columns past W read column W - 1 (no mask: their rows are >= N and never stored)
     offs_w = (pid_w * BW + tl.arange(0, BW))[None, :, None]  # [1, BW, 1] word columns
     col = tl.minimum(offs_w, W - 1)
     lane_k = tl.arange(0, KW)[:, None, None]  # [KW, 1, 1] the k-tile of each warp row within an iteration

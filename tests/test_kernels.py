@@ -32,8 +32,10 @@ DECODE_CASES = [
     (33, 96, 4, 16, 3, True, "edge"),     # N not a multiple of any tile
     (24, 64, 2, 16, 3, False, "edge"),
     (40, 64, 4, 16, 16, True, "random"),  # fp16 stats
+    (30, 64, 5, 16, 16, True, "edge"),    # 5-bit codes: no 12-bit decode window (mantissa_codes' fallback)
+    (20, 48, 8, 16, 3, False, "random"),  # 8-bit codes (4 per word) with 3-bit stats (per-row stats path)
 ]
-PREFILL_CASES = DECODE_CASES[:4] + [
+PREFILL_CASES = DECODE_CASES[:4] + DECODE_CASES[5:] + [
     (40, 256, 3, 128, 16, True, "random"),  # GPTQ-style g128
     (40, 48, 4, 48, 16, True, "edge"),      # per-channel stats (one group of K columns)
     (24, 256, 2, 32, 3, False, "random"),
