@@ -110,7 +110,7 @@ def _pair(ptr, st0, ok0, ok1):
 
 @triton.jit
 def word_stat(q_ptr, st_ptr, plane, g, WS, offs_w, st0, ok0, ok1, second, one, C0: tl.constexpr, CP: tl.constexpr,
-               STAT_BITS: tl.constexpr):
+              STAT_BITS: tl.constexpr):
     """First-level stat ``a (code - b)`` ``[KW, BW, CP]`` of a word's rows, from stat codes packed like the codes.
 
     ``code = 2^bits (f - 1)`` with ``f`` from ``mantissa_codes``, so the stat is one FMA, ``A f - B``, with
@@ -127,8 +127,8 @@ def word_stat(q_ptr, st_ptr, plane, g, WS, offs_w, st0, ok0, ok1, second, one, C
 
 @triton.jit
 def part_stats(g, ok, offs_w, n, second, one, N, G, WS, NB, sc_ptr, zr_ptr, qs_ptr, qz_ptr, ss_ptr, zs_ptr,
-                CPW: tl.constexpr, C0: tl.constexpr, CP: tl.constexpr, STAT_BITS: tl.constexpr,
-                BETA2: tl.constexpr, WORD_STATS: tl.constexpr):
+               CPW: tl.constexpr, C0: tl.constexpr, CP: tl.constexpr, STAT_BITS: tl.constexpr,
+               BETA2: tl.constexpr, WORD_STATS: tl.constexpr):
     """fp32 ``(scale, zero * scale)`` ``[KW, BW, CP]`` of rows ``n`` ``[1, BW, CP]`` in groups ``g`` ``[KW, BW, 1]``."""
     if WORD_STATS:
         b0 = (offs_w * CPW) // BETA2  # [1, BW, 1] second-level block of the word's first row

@@ -139,11 +139,11 @@ def _matvec_kernel(
             xs += xk
         g = (t * GS_T) // GS
         s, zs = part_stats(g, t_ok, col, n1, second1, one, N, G, WS, NB, sc_ptr, zr_ptr, qs_ptr, qz_ptr, ss_ptr,
-                            zs_ptr, CPW, 0, CP1, STAT_BITS, BETA2, WORD_STATS)
+                           zs_ptr, CPW, 0, CP1, STAT_BITS, BETA2, WORD_STATS)
         acc1 += s * (alpha1 * (p1 - xs)) - zs * xs  # sum_k s (q_k - z) x_k
         if CP2 > 0:
-            s, zs = part_stats(g, t_ok, col, n2, second2, one, N, G, WS, NB, sc_ptr, zr_ptr, qs_ptr, qz_ptr, ss_ptr,
-                                zs_ptr, CPW, CP1, CP2, STAT_BITS, BETA2, WORD_STATS)
+            s, zs = part_stats(g, t_ok, col, n2, second2, one, N, G, WS, NB, sc_ptr, zr_ptr, qs_ptr, qz_ptr,
+                               ss_ptr, zs_ptr, CPW, CP1, CP2, STAT_BITS, BETA2, WORD_STATS)
             acc2 += s * (alpha2 * (p2 - xs)) - zs * xs
 
     if HAS_OUTLIERS:
