@@ -153,7 +153,8 @@ def layout_args(pw) -> tuple[tuple[int, int, int, int], dict[str, int]]:  # noqa
     """What every kernel launch derives from the layout: ``(W, WS, G, NB)`` and the shared constexprs.
 
     ``W``/``WS`` are the code/stat word columns, ``G`` the groups, ``NB`` the second-level row blocks; the
-    constexprs are ``WBITS, CPW, CP1, CP2, GS, GS_T, STAT_BITS, BETA2``.
+    constexprs are ``WBITS, CPW, CP1, CP2, GS, GS_T, STAT_BITS, BETA2`` and the decode choices ``WINDOW``
+    (``window_fits``) and ``WORD_STATS`` (stat codes packed like the codes, one stat word per code word).
     """
     t = pw.tensors
     cpw = 32 // pw.wbits
@@ -162,7 +163,8 @@ def layout_args(pw) -> tuple[tuple[int, int, int, int], dict[str, int]]:  # noqa
     sizes = (t["qweight"].shape[1], t["qscale"].shape[1] if "qscale" in t else 1, pw.num_groups,
              -(-pw.out_features // beta2))
     meta = {"WBITS": pw.wbits, "CPW": cpw, "CP1": cp1, "CP2": cp2, "GS": pw.groupsize,
-            "GS_T": tile_k(pw.groupsize), "STAT_BITS": pw.stat_bits, "BETA2": beta2}
+            "GS_T": tile_k(pw.groupsize), "STAT_BITS": pw.stat_bits, "BETA2": beta2,
+            "WINDOW": window_fits(pw.wbits), "WORD_STATS": pw.stat_bits == pw.wbits and cpw <= beta2}
     return sizes, meta
 
 

@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .dequant import ONE_BITS, layout_args, mantissa_alpha, mantissa_codes, part_stats, stat_args, window_fits
+from .dequant import ONE_BITS, layout_args, mantissa_alpha, mantissa_codes, part_stats, stat_args
 from .layout import PackedWeight
 from .outliers import prepare
 
@@ -80,15 +80,14 @@ def dequantize_t(pw: PackedWeight) -> torch.Tensor:
     n, k = pw.out_features, pw.in_features
     t = pw.tensors
     sizes, meta = layout_args(pw)
-    words, gs_t, cpw = sizes[0], meta["GS_T"], meta["CPW"]
+    words, gs_t = sizes[0], meta["GS_T"]
     bw, kw = min(32, triton.next_power_of_2(words)), 4
     num_tiles = triton.cdiv(k, gs_t)
     out = torch.empty(k, n, device=t["qweight"].device, dtype=torch.float16)
     dummy = t["qweight"]
     _dequant_kernel[(triton.cdiv(words, bw), triton.cdiv(num_tiles, kw))](
         t["qweight"], *stat_args(pw, dummy), out,
-        n, k, *sizes[1:], num_tiles, ONE_BITS, W=words, **meta, BW=bw, KW=kw, WINDOW=window_fits(pw.wbits),
-        WORD_STATS=pw.stat_bits == pw.wbits and cpw <= max(pw.beta2, 1), num_warps=kw,
+        n, k, *sizes[1:], num_tiles, ONE_BITS, W=words, **meta, BW=bw, KW=kw, num_warps=kw,
     )
     if pw.nnz:
         ptr = t["outlier_row_ptr"].long()

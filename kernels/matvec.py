@@ -37,7 +37,6 @@ from .dequant import (
     part_stats,
     stat_args,
     tile_k,
-    window_fits,
 )
 from .layout import PackedWeight
 from .outliers import prepare
@@ -224,8 +223,7 @@ def spqr_matvec(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None = N
         rt["row_ptr"], rt.get("outlier_col", dummy), rt.get("outlier_delta", dummy),
         bias if bias is not None else dummy, acc, cnt, out,
         n, k, *sizes[1:], num_tiles, per_split, split, rows_per_split, ONE_BITS, W=words, **meta, BW=bw, KW=kw,
-        R=min(32, triton.next_power_of_2(rows_per_split)), L=32, WINDOW=window_fits(pw.wbits),
-        WORD_STATS=pw.stat_bits == pw.wbits and cpw <= max(pw.beta2, 1), EVEN_K=num_tiles % kw == 0,
+        R=min(32, triton.next_power_of_2(rows_per_split)), L=32, EVEN_K=num_tiles % kw == 0,
         HAS_PERM="perm" in t, HAS_OUTLIERS=pw.nnz > 0, HAS_BIAS=bias is not None,
         num_warps=warps,
     )

@@ -249,19 +249,9 @@ def quant_progress(console_: Any = None) -> Iterator:
 
     Yields the callback ``progress(stage, done, total, detail)``. Also used by the demo.
     """
-    from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
+    from spqr_cli.progress import eta_progress
 
-    columns = (TextColumn("[bold]{task.fields[stage]}[/]"), BarColumn(), MofNCompleteColumn(), TextColumn("blocks"),
-               TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), TextColumn("{task.description}"))
-    with Progress(*columns, console=console_ or Console(stderr=True), transient=True) as bar:
+    with eta_progress("[bold]{task.fields[stage]}[/]", "blocks", console_, "{task.description}") as bar:
         task = bar.add_task("", total=None, stage="quantize")
 
         def update(stage: str, done: int, total: int, detail: str) -> None:

@@ -139,19 +139,9 @@ def evaluate_perplexity(model: nn.Module, tokenizer: Any, dataset: str, seqlen: 
     started = time.perf_counter()
     try:
         if progress:
-            from rich.console import Console
-            from rich.progress import (
-                BarColumn,
-                MofNCompleteColumn,
-                Progress,
-                TextColumn,
-                TimeElapsedColumn,
-                TimeRemainingColumn,
-            )
+            from spqr_cli.progress import eta_progress
 
-            columns = (TextColumn("[bold]eval[/] {task.description}"), BarColumn(), MofNCompleteColumn(),
-                       TextColumn("windows"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn())
-            with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
+            with eta_progress("[bold]eval[/] {task.description}", "windows") as bar:
                 task = bar.add_task(dataset, total=windows.shape[0])
                 nll = windows_nll(model, windows, batch_size, lambda n: bar.advance(task, n))
         else:
