@@ -13,6 +13,7 @@ import torch
 from rich.console import Console
 
 from spqr_cli.bench import bench_layers, llama_shapes, random_packed, render_table, time_cuda, write_json
+from spqr_cli.bench_peers import parse_peers
 
 
 def sweep_decode(shapes, batches, reps: int) -> list[dict]:
@@ -50,6 +51,7 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=50)
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--sweep", choices=("decode",))
+    p.add_argument("--peers", default="", help="comma-separated: spqr-quant, gemlite (see spqr_cli.bench_peers)")
     p.add_argument("--json")
     a = p.parse_args()
     shapes = llama_shapes(a.models.split(","))
@@ -62,7 +64,7 @@ def main() -> None:
             console.print(f"{r['name']:>14} b={r['batch']:<4} best {r['config']} {r['ms']:.4f} ms; "
                           f"auto {auto['config']} {auto['ms']:.4f} ms")
     else:
-        rows = bench_layers(shapes, batches, warmup=a.warmup, reps=a.reps)
+        rows = bench_layers(shapes, batches, warmup=a.warmup, reps=a.reps, peers=parse_peers(a.peers))
         console.print(render_table(rows))
     if a.json:
         write_json(rows, a.json, {"sweep": a.sweep})

@@ -69,7 +69,7 @@ def _dequant_kernel(
         b2 = zs
     for r in tl.static_range(GS_T):  # W is a constexpr: the rows of a tile are immediate offsets
         k = t * GS_T + r
-        words = tl.load(qw_ptr + t * (GS_T * W) + r * W + col, mask=t_ok, other=0)
+        words = tl.load(qw_ptr + t * (GS_T * W) + r * W + col, mask=t_ok, other=0, eviction_policy="evict_first")
         _write_part(out_ptr, words, k, a1, b1, rows1, ok1, one, 0, CP1, WBITS, WINDOW, N)
         if CP2 > 0:
             _write_part(out_ptr, words, k, a2, b2, rows2, ok2, one, CP1, CPB, WBITS, WINDOW, N)

@@ -111,13 +111,16 @@ def bench_layers(
     shapes: Sequence[tuple[str, int, int]] | None = None,
     batches: Sequence[int] = (1, 4, 16, 256),
     wbits: int = 3, groupsize: int = 16, beta2: int = 16, stat_bits: int = 3, outlier_fraction: float = 0.01,
-    warmup: int = 10, reps: int = 50, dtype: torch.dtype = torch.float16,
+    warmup: int = 10, reps: int = 50, dtype: torch.dtype = torch.float16, peers: Sequence[str] = (),
 ) -> list[dict]:
-    """Time fp16 cuBLAS and ``spqr_linear`` per shape and batch; one dict per (shape, batch).
+    """Time fp16 cuBLAS and ``spqr_linear`` (and the ``peers``, see ``bench_peers``) per shape and batch.
 
-    Keys: name, N, K, batch, fp16_ms, spqr_ms, speedup, fp16_gbps (fp16 weight bytes / time), spqr_gbps (packed
-    bytes / time), packed_mb, bits_per_param (packed bytes * 8 / N*K), rel_err (vs fp32 on the same inputs).
+    One dict per (shape, batch). Keys: name, N, K, batch, fp16_ms, spqr_ms, speedup, fp16_gbps (fp16 weight
+    bytes / time), spqr_gbps (packed bytes / time), packed_mb, bits_per_param (packed bytes * 8 / N*K), rel_err
+    (vs fp32 on the same inputs), and ``peers``: ``{name: {ms, speedup, gbps, bits_per_param, rel_err}}`` for
+    each peer that runs this batch as one call.
     """
+    from spqr_cli.bench_peers import build_peer
     from spqr_kernels.ops import spqr_linear
     from spqr_kernels.reference import dequantize
 
@@ -128,20 +131,33 @@ def bench_layers(
         pw = random_packed(n, k, wbits, groupsize, beta2, stat_bits, outlier_fraction)
         w16 = dequantize(pw).to(dtype)
         packed = pw.nbytes()
+        built = [build_peer(p, pw) for p in peers]
         for b in batches:
             x = torch.randn(b, k, device="cuda", dtype=dtype)
-            ref = x.float() @ w16.float().t()
-            err = ((spqr_linear(x, pw).float() - ref).norm() / ref.norm()).item()
             t16 = time_cuda(lambda x=x, w=w16: F.linear(x, w), warmup, reps)
             tq = time_cuda(lambda x=x, pw=pw: spqr_linear(x, pw), warmup, reps)
-            rows.append({
+            row = {
                 "name": name, "N": n, "K": k, "batch": b, "fp16_ms": t16, "spqr_ms": tq, "speedup": t16 / max(tq, 1e-9),
                 "fp16_gbps": n * k * 2 / t16 / 1e6, "spqr_gbps": packed / tq / 1e6, "packed_mb": packed / 1e6,
-                "bits_per_param": packed * 8 / (n * k), "rel_err": err,
-            })
-        del w16, pw
+                "bits_per_param": packed * 8 / (n * k), "rel_err": _rel_err(spqr_linear(x, pw), x, w16), "peers": {},
+            }
+            for peer in built:
+                if peer.max_batch is not None and b > peer.max_batch:
+                    continue
+                tp = time_cuda(lambda x=x, f=peer.fn: f(x), warmup, reps)
+                row["peers"][peer.name] = {"ms": tp, "speedup": t16 / max(tp, 1e-9), "gbps": peer.nbytes / tp / 1e6,
+                                           "bits_per_param": peer.nbytes * 8 / (n * k),
+                                           "rel_err": _rel_err(peer.fn(x), x, peer.dense)}
+            rows.append(row)
+        del w16, pw, built
         torch.cuda.empty_cache()
     return rows
+
+
+def _rel_err(y: torch.Tensor, x: torch.Tensor, dense: torch.Tensor) -> float:
+    """Relative error of ``y`` against ``x @ dense^T`` computed in fp32 (the dequantize-then-matmul reference)."""
+    ref = x.float() @ dense.float().t()
+    return ((y.float().reshape(ref.shape) - ref).norm() / ref.norm()).item()
 
 
 def render_table(rows: Sequence[dict], title: str = "SpQR layer bench") -> object:
@@ -149,12 +165,20 @@ def render_table(rows: Sequence[dict], title: str = "SpQR layer bench") -> objec
     from rich.table import Table
 
     table = Table(title=title)
+    peers = list(dict.fromkeys(p for r in rows for p in r.get("peers", {})))
     for col in ("layer", "N x K", "batch", "fp16 ms", "spqr ms", "speedup", "fp16 GB/s", "spqr GB/s", "bits", "err"):
         table.add_column(col, justify="right")
+    for p in peers:
+        table.add_column(f"{p} ms", justify="right")
+        table.add_column(f"{p} vs fp16", justify="right")
     for r in rows:
-        table.add_row(r["name"], f"{r['N']}x{r['K']}", str(r["batch"]), f"{r['fp16_ms']:.4f}", f"{r['spqr_ms']:.4f}",
-                      f"{r['speedup']:.2f}x", f"{r['fp16_gbps']:.0f}", f"{r['spqr_gbps']:.0f}",
-                      f"{r['bits_per_param']:.2f}", f"{r['rel_err']:.1e}")
+        cells = [r["name"], f"{r['N']}x{r['K']}", str(r["batch"]), f"{r['fp16_ms']:.4f}", f"{r['spqr_ms']:.4f}",
+                 f"{r['speedup']:.2f}x", f"{r['fp16_gbps']:.0f}", f"{r['spqr_gbps']:.0f}",
+                 f"{r['bits_per_param']:.2f}", f"{r['rel_err']:.1e}"]
+        for p in peers:
+            got = r.get("peers", {}).get(p)
+            cells += [f"{got['ms']:.4f}", f"{got['speedup']:.2f}x"] if got else ["-", "-"]
+        table.add_row(*cells)
     return table
 
 

@@ -470,11 +470,15 @@ def bench(
     cap_model: Annotated[str, typer.Option("--cap-model", help="LLaMA size run packed under the memory cap.")]
     = "33b",
     cap_gb: Annotated[float, typer.Option("--cap-gb", min=1.0, help="GPU memory cap for --cap-model, GB.")] = 24.0,
+    peers: Annotated[str, typer.Option("--peers", help="Comma-separated peer kernels timed beside ours in the layer "
+                                       "table: spqr-quant (the SpQR authors' CUDA kernel, 3-bit 16x16, batch 1; "
+                                       "`pip install spqr-quant`, builds with nvcc on first use) and gemlite (4-bit, "
+                                       "group 128; `pip install gemlite`).", show_default=False)] = "",
     json_path: Annotated[Path | None, typer.Option("--json", help="Also write the rows and environment as JSON here.",
                                                    show_default=False)] = None,
 ) -> None:
-    """Speed on GPU, side by side in one process: fp16 cuBLAS vs the SpQR Triton kernels on LLaMA layer shapes,
-    then end to end on random-weight LLaMA-shaped models (needs CUDA)."""
+    """Speed on GPU, side by side in one process: fp16 cuBLAS vs the SpQR Triton kernels (and --peers) on LLaMA
+    layer shapes, then end to end on random-weight LLaMA-shaped models (needs CUDA)."""
     with user_errors():
         import torch
 
@@ -484,6 +488,7 @@ def bench(
             raise SpQRError("spqr bench needs a CUDA GPU; run it on a machine with one (it times the Triton "
                             "kernels against cuBLAS)")
         from spqr_cli.bench import LLAMA_DIMS, bench_layers, llama_shapes, render_table, write_json
+        from spqr_cli.bench_peers import parse_peers
 
         names = [m.strip().upper() for m in models.split(",") if m.strip()]
         unknown = [m for m in names if m not in LLAMA_DIMS]
@@ -501,9 +506,12 @@ def bench(
         for size in (e2e_model, cap_model):
             if size.upper() not in LLAMA_DIMS:
                 raise SpQRError(f"unknown model size {size!r}; choose from {', '.join(k.lower() for k in LLAMA_DIMS)}")
+        peer_list = parse_peers(peers)
+        if peer_list and part == "e2e":
+            raise SpQRError("--peers adds columns to the layer table; use it with --part layers or all")
         rows, e2e_rows = [], []
         if part in ("all", "layers"):
-            rows = bench_layers(llama_shapes(names), batch_list, reps=reps)
+            rows = bench_layers(llama_shapes(names), batch_list, reps=reps, peers=peer_list)
             console().print(render_table(rows))
         if part in ("all", "e2e"):
             from spqr_cli.bench_e2e import bench_e2e, render_e2e
@@ -511,7 +519,8 @@ def bench(
             e2e_rows = bench_e2e(e2e_model.upper(), cap_model.upper(), cap_gb)
             console().print(render_e2e(e2e_rows))
         if json_path is not None:
-            write_json(rows, str(json_path), {"models": names, "batches": batch_list, "reps": reps, "e2e": e2e_rows})
+            write_json(rows, str(json_path), {"models": names, "batches": batch_list, "reps": reps, "peers": peer_list,
+                                              "e2e": e2e_rows})
             typer.echo(f"wrote {json_path}")
 
 

@@ -1,0 +1,56 @@
+"""The layer bench's table and peer plumbing (CPU), and the peers themselves on a GPU that has them installed."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from rich.console import Console
+
+from spqr_cli.bench import render_table
+from spqr_cli.bench_peers import PEERS, parse_peers
+from spqr_cli.errors import SpQRError
+
+
+def test_parse_peers():
+    assert parse_peers(" spqr-quant, GEMLITE ,") == ["spqr-quant", "gemlite"]
+    assert parse_peers("") == []
+    with pytest.raises(SpQRError, match="unknown peer marlin; choose from spqr-quant, gemlite"):
+        parse_peers("gemlite,marlin")
+
+
+def _row(batch: int, peers: dict) -> dict:
+    return {"name": "7B qkvo", "N": 4096, "K": 4096, "batch": batch, "fp16_ms": 0.02, "spqr_ms": 0.01,
+            "speedup": 2.0, "fp16_gbps": 1700.0, "spqr_gbps": 900.0, "bits_per_param": 4.18, "rel_err": 3e-4,
+            "peers": peers}
+
+
+def test_table_shows_peers_side_by_side():
+    rows = [_row(1, {"spqr-quant": {"ms": 0.025, "speedup": 0.8}, "gemlite": {"ms": 0.0125, "speedup": 1.6}}),
+            _row(16, {"gemlite": {"ms": 0.04, "speedup": 0.5}})]
+    console = Console(record=True, width=250)
+    console.print(render_table(rows))
+    text = console.export_text()
+    assert "spqr-quant ms" in text and "gemlite vs fp16" in text
+    lines = [line for line in text.splitlines() if "7B qkvo" in line]
+    assert "0.0250" in lines[0] and "0.80x" in lines[0] and "1.60x" in lines[0]
+    assert "0.50x" in lines[1] and lines[1].count(" - ") == 2  # spqr-quant runs batch 1 only
+
+
+def test_table_without_peers_has_no_peer_columns():
+    console = Console(record=True, width=250)
+    console.print(render_table([_row(1, {})]))
+    assert "vs fp16" not in console.export_text()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("peer", PEERS)
+def test_peer_matches_its_own_dequantization(peer):
+    """Each peer's call agrees with its own dense matrix (so the bench times a correct product)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    pytest.importorskip({"spqr-quant": "spqr_quant", "gemlite": "gemlite"}[peer])
+    from spqr_cli.bench import bench_layers
+
+    rows = bench_layers([("small", 512, 1024)], batches=(1, 16), warmup=1, reps=2, peers=[peer])
+    got = [r["peers"][peer] for r in rows if peer in r["peers"]]
+    assert got and all(g["rel_err"] < 1e-2 and g["ms"] > 0 for g in got)
