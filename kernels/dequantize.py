@@ -6,8 +6,9 @@ batch size, and the extra traffic (~2.5 bytes per weight) is a fixed cost next t
 
 The kernel has the decode kernel's structure (``dequant.py``): a program owns ``BW`` word columns (one per lane)
 and ``KW`` k-tiles (one per warp); each thread loads its ``GS_T`` words of one tile, decodes the tile's
-statistics once and writes ``w = s q - s z`` (``q`` from ``mantissa_codes``). The outliers
-are then written into the dense copy at their permuted positions, so ``x[:, perm] @ W^T`` is the whole product.
+statistics once and writes ``w = s q - s z`` (``q`` from ``mantissa_codes``). The outliers are then written
+into the dense copy at their permuted positions (``outlier_scatter.py``, a second launch: the dense values must
+be in place first), so ``x[:, perm] @ W^T`` is the whole product.
 
 Precision: the weight copy is fp16 (the stored decode rounded once, as ``unpack`` produces), the matmul is cuBLAS
 fp16 with its default accumulation, and bf16 activations are converted to fp16 (activations beyond fp16's range,
@@ -22,7 +23,7 @@ import triton.language as tl
 
 from .dequant import ONE_BITS, layout_args, mantissa_alpha, mantissa_codes, part_stats, stat_args
 from .layout import PackedWeight
-from .outliers import prepare
+from .outlier_scatter import write_outliers
 
 
 @triton.jit
@@ -89,13 +90,7 @@ def dequantize_t(pw: PackedWeight) -> torch.Tensor:
         t["qweight"], *stat_args(pw, dummy), out,
         n, k, *sizes[1:], num_tiles, ONE_BITS, W=words, **meta, BW=bw, KW=kw, num_warps=kw,
     )
-    if pw.nnz:
-        ptr = t["outlier_row_ptr"].long()
-        rows = torch.repeat_interleave(torch.arange(n, device=out.device), ptr[1:] - ptr[:-1], output_size=pw.nnz)
-        cols = t["outlier_col"].long() & 0xFFFF
-        inv = prepare(pw).get("inv_perm")
-        out[inv[cols] if inv is not None else cols, rows] = t["outlier_val"]
-    return out
+    return write_outliers(out, pw)
 
 
 def spqr_dense_matmul(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:

@@ -16,7 +16,7 @@ if not torch.cuda.is_available():
 
 from spqr_cli.record import QuantizedLayer  # noqa: E402
 from spqr_cli.testing import random_record  # noqa: E402
-from spqr_kernels import dequantize, matvec, ops, reference  # noqa: E402
+from spqr_kernels import dequantize, matvec, ops, outlier_scatter, reference  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 INTERPRETED = type(matvec._matvec_kernel).__name__ == "InterpretedFunction"
@@ -100,6 +100,18 @@ def test_dequantize_kernel(case):
     dense = torch.empty_like(ref_w)
     dense[:, perm.long() if perm is not None else torch.arange(pw.in_features)] = w_t.t()
     assert torch.allclose(dense, ref_w, rtol=2**-10, atol=1e-6)
+
+
+@needs_triton
+@pytest.mark.parametrize("case", DECODE_CASES[:4])
+def test_outlier_scatter_kernel(case):
+    """The one-launch outlier write equals torch indexing (identity and act-order perms, empty and full rows)."""
+    _, pw = make(case, seed=7)
+    base = torch.randn(pw.in_features, pw.out_features).half()
+    got = outlier_scatter.write_outliers(base.clone(), pw)
+    assert pw.nnz and torch.equal(got, outlier_scatter.write_outliers_reference(base.clone(), pw))
+    with pytest.raises(ValueError, match="contiguous fp16"):
+        outlier_scatter.write_outliers(base.t(), pw)
 
 
 @needs_triton
