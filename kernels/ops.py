@@ -1,7 +1,7 @@
 """``spqr_linear``: the one entry point the runtime calls; picks a kernel by token count, layer config and device.
 
-- CUDA tensors: one token goes to the decode kernel (``matvec.py``), more to dequantize-to-fp16 + cuBLAS
-  (``dequantize.py``).
+- CUDA tensors: 1 to ``matvec.MAX_TOKENS`` (8) tokens go to the decode kernel (``matvec.py``), more to
+  dequantize-to-fp16 + cuBLAS (``dequantize.py``).
 - CPU tensors: the torch reference, or the same Triton kernels when ``TRITON_INTERPRET=1`` is set (that is how
   CI tests the kernels without a GPU).
 - Group sizes that are not a multiple of 16 have no kernel; they fall back to the reference on any device.
@@ -56,7 +56,7 @@ def spqr_linear(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None = N
     else:
         from . import dequantize, matvec  # imported lazily: triton is only needed on this path
 
-        if tokens == 1:
+        if tokens <= matvec.MAX_TOKENS:
             y = matvec.spqr_matvec(x2, pw, bias)
         else:
             y = dequantize.spqr_dense_matmul(x2, pw, bias)

@@ -82,11 +82,14 @@ def test_edge_rows_are_exercised():
 @pytest.mark.parametrize("case", DECODE_CASES)
 def test_decode_kernel(case, config):
     _, pw = make(case, seed=3)
-    x = torch.randn(1, pw.in_features, dtype=torch.float16)
     bias = torch.randn(pw.out_features, dtype=torch.float16) if config else None
-    ref = reference.linear_reference(x.float(), pw, None if bias is None else bias.float())
-    for _ in range(2):  # the split-K scratch must be back at zero after a call
-        check_close(matvec.spqr_matvec(x, pw, bias, config=config), ref)
+    for tokens in (1, 3) if config else (1, matvec.MAX_TOKENS):  # one program per token on the third grid axis
+        x = torch.randn(tokens, pw.in_features, dtype=torch.float16)
+        ref = reference.linear_reference(x.float(), pw, None if bias is None else bias.float())
+        for _ in range(2):  # the split-K scratch must be back at zero after a call
+            check_close(matvec.spqr_matvec(x, pw, bias, config=config), ref)
+    x = torch.randn(pw.in_features, dtype=torch.float16)  # a bare vector keeps its rank
+    assert matvec.spqr_matvec(x, pw).shape == (pw.out_features,)
 
 
 @needs_triton
@@ -125,14 +128,19 @@ def test_multi_token_path(case, batch):
 
 
 @needs_triton
-def test_spqr_linear_dispatch_and_shapes():
+def test_spqr_linear_dispatch_and_shapes(monkeypatch):
     _, pw = make((40, 96, 3, 16, 3, True, "edge"))
-    x = torch.randn(1, 1, 96, dtype=torch.float16)  # one token: decode kernel
-    check_close(ops.spqr_linear(x, pw), reference.linear_reference(x.float(), pw))
-    x = torch.randn(2, 3, 96, dtype=torch.float16)  # 6 tokens: dense path
-    check_close(ops.spqr_linear(x, pw), reference.linear_reference(x.float(), pw))
-    x = torch.randn(17, 96, dtype=torch.bfloat16)  # 17 tokens, bf16: dense path
-    check_close(ops.spqr_linear(x, pw), reference.linear_reference(x.float(), pw))
+    calls = []
+    for mod, name in ((matvec, "spqr_matvec"), (dequantize, "spqr_dense_matmul")):
+        real = getattr(mod, name)
+        monkeypatch.setattr(mod, name, lambda *a, real=real, name=name, **k: calls.append(name) or real(*a, **k))
+    for shape, dtype, path in [((1, 1, 96), torch.float16, "spqr_matvec"),  # one token
+                               ((2, 4, 96), torch.float16, "spqr_matvec"),  # 8 tokens: still the decode kernel
+                               ((3, 3, 96), torch.float16, "spqr_dense_matmul"),  # 9 tokens: dense path
+                               ((17, 96), torch.bfloat16, "spqr_dense_matmul")]:
+        x = torch.randn(*shape, dtype=dtype)
+        check_close(ops.spqr_linear(x, pw), reference.linear_reference(x.float(), pw))
+        assert calls.pop() == path
     assert ops.spqr_linear(torch.randn(0, 96, dtype=torch.float16), pw).shape == (0, 40)
 
 
@@ -161,8 +169,8 @@ def test_spqr_linear_rejects_bad_inputs():
         ops.spqr_linear(torch.randn(2, 48), pw)
     with pytest.raises(ValueError, match="bias"):
         ops.spqr_linear(torch.randn(2, 48, dtype=torch.float16), pw, torch.zeros(41, dtype=torch.float16))
-    with pytest.raises(ValueError, match="one token"):
-        matvec.spqr_matvec(torch.randn(2, 48, dtype=torch.float16), pw)
+    with pytest.raises(ValueError, match="1 to 8 tokens"):
+        matvec.spqr_matvec(torch.randn(9, 48, dtype=torch.float16), pw)
 
 
 # ---- the same checks on a GPU, on LLaMA-sized shapes ----
@@ -180,7 +188,7 @@ GPU_CASES = [
 
 @gpu
 @needs_cuda
-@pytest.mark.parametrize("batch", [1, 3, 16, 33, 256])
+@pytest.mark.parametrize("batch", [1, 3, 8, 9, 16, 33, 256])
 @pytest.mark.parametrize("case", GPU_CASES)
 def test_gpu_kernels(case, batch):
     _, pw = make(case, seed=batch, device="cuda")
