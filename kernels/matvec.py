@@ -205,7 +205,7 @@ def _scratch(pw: PackedWeight, rt: dict[str, torch.Tensor], tokens: int, blocks:
     """
     size = triton.next_power_of_2(tokens)
     acc, cnt = rt.get(f"matvec_acc_{size}"), rt.get(f"matvec_cnt_{size}")
-    if acc is None or acc.device != device:
+    if acc is None or acc.device != device or cnt.numel() < size * blocks:  # (more blocks: a tuning config)
         rt[f"matvec_acc_{size}"] = acc = torch.zeros(size * pw.out_features, device=device, dtype=torch.float32)
         rt[f"matvec_cnt_{size}"] = cnt = torch.zeros(size * blocks, device=device, dtype=torch.int32)
     return acc, cnt

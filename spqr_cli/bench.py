@@ -134,18 +134,19 @@ def bench_layers(
         built = [build_peer(p, pw) for p in peers]
         for b in batches:
             x = torch.randn(b, k, device="cuda", dtype=dtype)
-            t16 = time_cuda(lambda x=x, w=w16: F.linear(x, w), warmup, reps)
-            tq = time_cuda(lambda x=x, pw=pw: spqr_linear(x, pw), warmup, reps)
+            # (a time below the timer's resolution reads 0: clamp it so that ratios stay finite)
+            t16 = max(time_cuda(lambda x=x, w=w16: F.linear(x, w), warmup, reps), 1e-6)
+            tq = max(time_cuda(lambda x=x, pw=pw: spqr_linear(x, pw), warmup, reps), 1e-6)
             row = {
-                "name": name, "N": n, "K": k, "batch": b, "fp16_ms": t16, "spqr_ms": tq, "speedup": t16 / max(tq, 1e-9),
+                "name": name, "N": n, "K": k, "batch": b, "fp16_ms": t16, "spqr_ms": tq, "speedup": t16 / tq,
                 "fp16_gbps": n * k * 2 / t16 / 1e6, "spqr_gbps": packed / tq / 1e6, "packed_mb": packed / 1e6,
                 "bits_per_param": packed * 8 / (n * k), "rel_err": _rel_err(spqr_linear(x, pw), x, w16), "peers": {},
             }
             for peer in built:
                 if peer.max_batch is not None and b > peer.max_batch:
                     continue
-                tp = time_cuda(lambda x=x, f=peer.fn: f(x), warmup, reps)
-                row["peers"][peer.name] = {"ms": tp, "speedup": t16 / max(tp, 1e-9), "gbps": peer.nbytes / tp / 1e6,
+                tp = max(time_cuda(lambda x=x, f=peer.fn: f(x), warmup, reps), 1e-6)
+                row["peers"][peer.name] = {"ms": tp, "speedup": t16 / tp, "gbps": peer.nbytes / tp / 1e6,
                                            "bits_per_param": peer.nbytes * 8 / (n * k),
                                            "rel_err": _rel_err(peer.fn(x), x, peer.dense)}
             rows.append(row)

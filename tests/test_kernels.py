@@ -17,6 +17,7 @@ if not torch.cuda.is_available():
 from spqr_cli.record import QuantizedLayer  # noqa: E402
 from spqr_cli.testing import random_record  # noqa: E402
 from spqr_kernels import dequantize, matvec, ops, outlier_scatter, reference  # noqa: E402
+from spqr_kernels.outliers import prepare  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 INTERPRETED = type(matvec._matvec_kernel).__name__ == "InterpretedFunction"
@@ -90,6 +91,19 @@ def test_decode_kernel(case, config):
             check_close(matvec.spqr_matvec(x, pw, bias, config=config), ref)
     x = torch.randn(pw.in_features, dtype=torch.float16)  # a bare vector keeps its rank
     assert matvec.spqr_matvec(x, pw).shape == (pw.out_features,)
+
+
+@needs_triton
+def test_decode_kernel_scratch_follows_config():
+    """A launch config with more row blocks than the first call's gets tickets for all of them."""
+    _, pw = make(DECODE_CASES[2], seed=4)
+    x = torch.randn(2, pw.in_features, dtype=torch.float16)
+    ref = reference.linear_reference(x.float(), pw)
+    words = pw.tensors["qweight"].shape[1]
+    for config in (None, (4, 4, 2, 1), None):  # auto uses BW = 8 here: 1 row block, then 2
+        check_close(matvec.spqr_matvec(x, pw, config=config), ref)
+        bw = (config or matvec.pick_config(pw.out_features, pw.in_features, pw))[0]
+        assert prepare(pw)["matvec_cnt_2"].numel() >= 2 * -(-words // bw)  # one ticket per token and row block
 
 
 @needs_triton
