@@ -4,10 +4,10 @@ Batch-1 decode is memory-bound: the kernel must keep many bytes in flight and sp
 
 - A few tokens (speculative decoding, small batches): a third grid axis takes one token per program; the
   programs of different tokens read the same code words at about the same time, so all but the first mostly hit
-  L2. Measured on an H100 against holding 2 or 4 tokens per program (more registers, fewer resident warps) and
-  against the dequantize + cuBLAS path: one token per program was fastest at 2-8 tokens on every LLaMA shape
-  (2 tokens: 1.0-1.3x of fp16, 4: 0.6-0.7x, 8: 0.35-0.4x, vs 0.3-0.4x for dequantize + cuBLAS).
-
+  L2. Measured on an H100 (LLaMA-7B/13B/65B shapes) against holding 2 or 4 tokens per program (more
+  registers, fewer resident warps) and against the dequantize + cuBLAS path: one token per program was the
+  fastest kernel; against dequantize + cuBLAS (0.3-0.4x of fp16) it wins at 2 tokens (1.0-1.3x) and 4 (0.6-0.7x)
+  on every shape and at 8 (0.35-0.4x) on 8 of 9 (7B q/k/v: 13% slower); at 16 it loses (0.2x).
 - Code words are read once, so they are loaded ``evict_first``: the stream of weights does not push ``x``, the
   permutation, the statistics and the scratch row out of L2 (5-15% faster on the LLaMA shapes, H100).
 - Work split. A program owns ``BW`` packed word columns (``BW * cpw`` output rows) and a ``1 / SPLIT`` share of
@@ -49,7 +49,7 @@ from .dequant import (
 from .layout import PackedWeight
 from .outliers import prepare
 
-MAX_TOKENS = 8  # from 9 tokens on, dequantize + cuBLAS (dequantize.py) is faster (H100, LLaMA shapes)
+MAX_TOKENS = 8  # more tokens go to dequantize + cuBLAS (dequantize.py); see the module docstring
 
 
 @functools.cache
@@ -201,7 +201,9 @@ def _scratch(pw: PackedWeight, rt: dict[str, torch.Tensor], tokens: int, blocks:
     """fp32 row accumulators and per-block tickets for ``tokens`` tokens; zero at rest (the kernel re-zeroes them).
 
     One pair per power-of-two token count, kept for the layer's lifetime: a CUDA graph that captured one stays
-    valid when a call with more tokens comes later.
+    valid when a call with more tokens comes later (at most 15 fp32 rows per output row if 1, 2, 4 and 8 tokens
+    all occur). A launch config with more row blocks (tuning) or another device replaces the pair: capture graphs
+    after such calls, not before.
     """
     size = triton.next_power_of_2(tokens)
     acc, cnt = rt.get(f"matvec_acc_{size}"), rt.get(f"matvec_cnt_{size}")

@@ -120,7 +120,7 @@ def bench_layers(
     (vs fp32 on the same inputs), and ``peers``: ``{name: {ms, speedup, gbps, bits_per_param, rel_err}}`` for
     each peer that runs this batch as one call.
     """
-    from spqr_cli.bench_peers import build_peer
+    from spqr_cli.bench_peers import build_peer, runs_batch
     from spqr_kernels.ops import spqr_linear
     from spqr_kernels.reference import dequantize
 
@@ -131,21 +131,20 @@ def bench_layers(
         pw = random_packed(n, k, wbits, groupsize, beta2, stat_bits, outlier_fraction)
         w16 = dequantize(pw).to(dtype)
         packed = pw.nbytes()
-        built = [build_peer(p, pw) for p in peers]
+        built = [build_peer(p, pw) for p in peers if any(runs_batch(p, b) for b in batches)]
         for b in batches:
             x = torch.randn(b, k, device="cuda", dtype=dtype)
-            # (a time below the timer's resolution reads 0: clamp it so that ratios stay finite)
-            t16 = max(time_cuda(lambda x=x, w=w16: F.linear(x, w), warmup, reps), 1e-6)
-            tq = max(time_cuda(lambda x=x, pw=pw: spqr_linear(x, pw), warmup, reps), 1e-6)
+            t16 = _resolved(time_cuda(lambda x=x, w=w16: F.linear(x, w), warmup, reps))
+            tq = _resolved(time_cuda(lambda x=x, pw=pw: spqr_linear(x, pw), warmup, reps))
             row = {
                 "name": name, "N": n, "K": k, "batch": b, "fp16_ms": t16, "spqr_ms": tq, "speedup": t16 / tq,
                 "fp16_gbps": n * k * 2 / t16 / 1e6, "spqr_gbps": packed / tq / 1e6, "packed_mb": packed / 1e6,
                 "bits_per_param": packed * 8 / (n * k), "rel_err": _rel_err(spqr_linear(x, pw), x, w16), "peers": {},
             }
             for peer in built:
-                if peer.max_batch is not None and b > peer.max_batch:
+                if not runs_batch(peer.name, b):
                     continue
-                tp = max(time_cuda(lambda x=x, f=peer.fn: f(x), warmup, reps), 1e-6)
+                tp = _resolved(time_cuda(lambda x=x, f=peer.fn: f(x), warmup, reps))
                 row["peers"][peer.name] = {"ms": tp, "speedup": t16 / tp, "gbps": peer.nbytes / tp / 1e6,
                                            "bits_per_param": peer.nbytes * 8 / (n * k),
                                            "rel_err": _rel_err(peer.fn(x), x, peer.dense)}
@@ -153,6 +152,12 @@ def bench_layers(
         del w16, pw, built
         torch.cuda.empty_cache()
     return rows
+
+
+def _resolved(ms: float) -> float:
+    """``ms``, or NaN when it is below what the graph timing resolves (it reads 0): ratios then show ``nan``
+    instead of a division by zero or an absurd speedup (use more ``--reps`` or a larger shape)."""
+    return ms if ms > 0 else float("nan")
 
 
 def _rel_err(y: torch.Tensor, x: torch.Tensor, dense: torch.Tensor) -> float:

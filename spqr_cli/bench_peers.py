@@ -4,8 +4,9 @@ same process as fp16 and ours.
 - ``spqr-quant``: the SpQR authors' CUDA kernel (pip package ``spqr-quant``, compiled with nvcc by
   ``torch.utils.cpp_extension`` on its first import). It supports one configuration, 3-bit codes with 3-bit
   statistics in 16 x 16 groups, and one token per call (its ``forward`` loops over tokens), so it is timed at
-  batch 1 only. Its matrix is made equivalent to ours: random 3-bit codes and statistics, the *same* outlier
-  positions (CSR) and the *same* input permutation as the ``PackedWeight`` it stands beside.
+  batch 1 only. Its matrix is made equivalent to ours: random 3-bit codes and statistics, the same number of
+  outliers per row at the same column numbers (CSR), and the same input permutation as the ``PackedWeight`` it
+  stands beside.
 - ``gemlite``: a general low-bit Triton kernel library (``gemlite.helper.A16Wn``): 4-bit codes, groups of 128,
   fp16 scales and zeros, at every batch size (its own GEMV / split-K / GEMM choice per batch).
 
@@ -23,6 +24,12 @@ import torch
 from spqr_kernels.layout import PackedWeight
 
 PEERS = ("spqr-quant", "gemlite")
+MAX_BATCH = {"spqr-quant": 1}  # tokens a peer runs as one call (absent: any)
+
+
+def runs_batch(name: str, batch: int) -> bool:
+    """Whether peer ``name`` is timed at ``batch`` tokens (spqr-quant's kernel is a matvec)."""
+    return batch <= MAX_BATCH.get(name, batch)
 
 
 @dataclass
@@ -30,22 +37,20 @@ class Peer:
     """One peer kernel ready to time on one layer shape.
 
     ``fn`` maps fp16 ``x [B, K]`` to ``y [B, N]``; ``dense`` is the ``[N, K]`` matrix the peer's own
-    dequantization gives (fp16, on the GPU), used for ``rel_err``; ``max_batch`` is the largest batch it runs
-    as one call (``None``: any).
+    dequantization gives (fp16, on the GPU), used for ``rel_err``.
     """
 
     name: str
     fn: Callable[[torch.Tensor], torch.Tensor]
     nbytes: int
     dense: torch.Tensor
-    max_batch: int | None = None
 
 
 def parse_peers(spec: str) -> list[str]:
     """``"spqr-quant,gemlite"`` -> names, rejecting unknown ones with a message that lists the choices."""
     from spqr_cli.errors import SpQRError
 
-    names = [p.strip().lower() for p in spec.split(",") if p.strip()]
+    names = list(dict.fromkeys(p.strip().lower() for p in spec.split(",") if p.strip()))
     unknown = [p for p in names if p not in PEERS]
     if unknown:
         raise SpQRError(f"unknown peer {', '.join(unknown)}; choose from {', '.join(PEERS)}")
@@ -53,10 +58,15 @@ def parse_peers(spec: str) -> list[str]:
 
 
 def _missing(package: str, err: Exception) -> Exception:
+    """The one-line error for a peer that cannot be imported: not installed, or installed but failing to load."""
     from spqr_cli.errors import SpQRError
 
-    return SpQRError(f"--peers needs the {package!r} package on this GPU machine ({type(err).__name__}: {err}); "
-                     f"install it with `pip install {package}` or leave it out of --peers")
+    if isinstance(err, ModuleNotFoundError):
+        return SpQRError(f"--peers {package} needs the {package!r} package on this GPU machine; install it with "
+                         f"`pip install {package}` or leave it out of --peers")
+    return SpQRError(f"--peers {package}: the installed package failed to load ({type(err).__name__}: {err}); "
+                     f"spqr-quant builds with nvcc on import and needs the CUDA toolkit that matches torch. Fix "
+                     f"that or leave it out of --peers")
 
 
 def spqr_quant_peer(pw: PackedWeight, seed: int = 0) -> Peer:
@@ -76,7 +86,8 @@ def spqr_quant_peer(pw: PackedWeight, seed: int = 0) -> Peer:
 
     m, n, beta = pw.out_features, pw.in_features, 16
     if m % beta or n % beta:
-        raise SpQRError(f"spqr-quant needs both dimensions divisible by 16, got {m} x {n}")
+        raise SpQRError(f"spqr-quant needs both dimensions divisible by 16, got {m} x {n}; leave it out of "
+                        f"--peers for this shape")
     gen = torch.Generator().manual_seed(seed)
     tiles = (m // beta) * (n // beta)
     t = {k: v.cpu() for k, v in pw.tensors.items()}
@@ -112,7 +123,7 @@ def spqr_quant_peer(pw: PackedWeight, seed: int = 0) -> Peer:
 
     nbytes = sum(p.numel() * p.element_size() for p in (layer.dense_weights, layer.row_offsets, layer.col_vals,
                                                          layer.in_perm))
-    return Peer("spqr-quant", fn, nbytes, dense_orig.cuda(), max_batch=1)
+    return Peer("spqr-quant", fn, nbytes, dense_orig.cuda())
 
 
 def gemlite_peer(pw: PackedWeight, seed: int = 0, group_size: int = 128) -> Peer:

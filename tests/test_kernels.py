@@ -84,8 +84,9 @@ def test_edge_rows_are_exercised():
 def test_decode_kernel(case, config):
     _, pw = make(case, seed=3)
     bias = torch.randn(pw.out_features, dtype=torch.float16) if config else None
-    for tokens in (1, 3) if config else (1, matvec.MAX_TOKENS):  # one program per token on the third grid axis
-        x = torch.randn(tokens, pw.in_features, dtype=torch.float16)
+    runs = [(1, torch.float16), (3, torch.float16)] if config else [(1, torch.float16), (8, torch.bfloat16)]
+    for tokens, dtype in runs:  # one program per token on the third grid axis; 8 = matvec.MAX_TOKENS
+        x = torch.randn(tokens, pw.in_features, dtype=dtype)
         ref = reference.linear_reference(x.float(), pw, None if bias is None else bias.float())
         for _ in range(2):  # the split-K scratch must be back at zero after a call
             check_close(matvec.spqr_matvec(x, pw, bias, config=config), ref)
@@ -132,7 +133,7 @@ def test_outlier_scatter_kernel(case):
 
 
 @needs_triton
-@pytest.mark.parametrize("batch", [2, 33])
+@pytest.mark.parametrize("batch", [9, 33])  # the dequantize + cuBLAS path (1-8 tokens take the decode kernel)
 @pytest.mark.parametrize("case", PREFILL_CASES[:5])
 def test_multi_token_path(case, batch):
     _, pw = make(case, seed=batch)
