@@ -20,7 +20,7 @@ import triton.language as tl
 
 from .layout import PackedWeight
 from .outliers import prepare
-from .reference import outlier_cols, outlier_rows
+from .reference import inverse_perm, outlier_cols, outlier_rows
 
 
 @triton.jit
@@ -62,11 +62,6 @@ def write_outliers(out: torch.Tensor, pw: PackedWeight) -> torch.Tensor:
 def write_outliers_reference(out: torch.Tensor, pw: PackedWeight) -> torch.Tensor:
     """The same write with torch indexing (for tests)."""
     if pw.nnz:
-        cols = outlier_cols(pw)
-        perm = pw.get("perm")
-        if perm is not None:
-            inv = torch.empty_like(perm, dtype=torch.long)
-            inv[perm.long()] = torch.arange(pw.in_features, device=perm.device)
-            cols = inv[cols]
-        out[cols, outlier_rows(pw)] = pw.tensors["outlier_val"].to(out.dtype)
+        cols, inv = outlier_cols(pw), inverse_perm(pw)
+        out[inv[cols] if inv is not None else cols, outlier_rows(pw)] = pw.tensors["outlier_val"].to(out.dtype)
     return out

@@ -12,21 +12,15 @@ import weakref
 import torch
 
 from .layout import PackedWeight
-from .reference import decode_stats, outlier_cols, outlier_rows
+from .reference import decode_stats, inverse_perm, outlier_cols, outlier_rows
 
 _CACHE: dict[int, tuple[weakref.ref, dict[str, torch.Tensor]]] = {}
 
 
-def _dense_at(pw: PackedWeight, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-    """fp32 dense decode (no outliers) at original positions ``(rows, cols)``, without building the full matrix."""
-    k = pw.in_features
-    perm = pw.get("perm")
-    if perm is not None:
-        inv = torch.empty_like(perm, dtype=torch.long)
-        inv[perm.long()] = torch.arange(k, device=perm.device)
-        j = inv[cols]
-    else:
-        j = cols
+def _dense_at(pw: PackedWeight, rows: torch.Tensor, cols: torch.Tensor, inv: torch.Tensor | None) -> torch.Tensor:
+    """fp32 dense decode (no outliers) at original positions ``(rows, cols)``, without building the full matrix
+    (``inv``: ``inverse_perm(pw)``)."""
+    j = inv[cols] if inv is not None else cols
     cpw = 32 // pw.wbits
     words = pw.tensors["qweight"][j, rows // cpw].long() & 0xFFFFFFFF
     q = ((words >> ((rows % cpw) * pw.wbits)) & ((1 << pw.wbits) - 1)).float()
@@ -47,16 +41,14 @@ def prepare(pw: PackedWeight) -> dict[str, torch.Tensor]:
         return hit[1]
     dev = pw.tensors["qweight"].device
     rt: dict[str, torch.Tensor] = {}
+    inv = inverse_perm(pw)
     if pw.nnz:
         rows, cols = outlier_rows(pw), outlier_cols(pw)
-        delta = pw.tensors["outlier_val"].float() - _dense_at(pw, rows, cols)
+        delta = pw.tensors["outlier_val"].float() - _dense_at(pw, rows, cols, inv)
         rt["outlier_col"] = cols.to(torch.int32).contiguous()
         rt["outlier_delta"] = delta.contiguous()
     rt["row_ptr"] = pw.tensors["outlier_row_ptr"].to(device=dev, dtype=torch.int32).contiguous()
-    perm = pw.get("perm")
-    if perm is not None:  # original column -> permuted position (the dense prefill path writes outliers there)
-        inv = torch.empty(pw.in_features, dtype=torch.long, device=dev)
-        inv[perm.long()] = torch.arange(pw.in_features, device=dev)
-        rt["inv_perm"] = inv
+    if inv is not None:  # original column -> permuted position (the dense prefill path writes outliers there)
+        rt["inv_perm"] = inv.to(dev)
     _CACHE[key] = (weakref.ref(pw, lambda _ref, key=key: _CACHE.pop(key, None)), rt)
     return rt

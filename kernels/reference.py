@@ -38,6 +38,16 @@ def dequantize_permuted(pw: PackedWeight) -> torch.Tensor:
     return (s * (codes - z)).t().contiguous()
 
 
+def inverse_perm(pw: PackedWeight) -> torch.Tensor | None:
+    """int64 ``[K]``: the permuted position of each original input column (``None`` for the identity order)."""
+    perm = pw.get("perm")
+    if perm is None:
+        return None
+    inv = torch.empty(pw.in_features, dtype=torch.long, device=perm.device)
+    inv[perm.long()] = torch.arange(pw.in_features, device=perm.device)
+    return inv
+
+
 def outlier_rows(pw: PackedWeight) -> torch.Tensor:
     """int64 ``[nnz]`` output row of each outlier (expanded from the CSR row pointers)."""
     ptr = pw.tensors["outlier_row_ptr"].long()

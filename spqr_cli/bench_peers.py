@@ -57,16 +57,16 @@ def parse_peers(spec: str) -> list[str]:
     return names
 
 
-def _missing(package: str, err: Exception) -> Exception:
-    """The one-line error for a peer that cannot be imported: not installed, or installed but failing to load."""
+def _missing(package: str, err: Exception, hint: str = "") -> Exception:
+    """The one-line error for a peer that cannot be imported: not installed, or installed but failing to load
+    (``hint``: what loading it needs)."""
     from spqr_cli.errors import SpQRError
 
     if isinstance(err, ModuleNotFoundError):
         return SpQRError(f"--peers {package} needs the {package!r} package on this GPU machine; install it with "
                          f"`pip install {package}` or leave it out of --peers")
     return SpQRError(f"--peers {package}: the installed package failed to load ({type(err).__name__}: {err}); "
-                     f"spqr-quant builds with nvcc on import and needs the CUDA toolkit that matches torch. Fix "
-                     f"that or leave it out of --peers")
+                     f"{hint}fix that or leave it out of --peers")
 
 
 def spqr_quant_peer(pw: PackedWeight, seed: int = 0) -> Peer:
@@ -81,7 +81,8 @@ def spqr_quant_peer(pw: PackedWeight, seed: int = 0) -> Peer:
         )
         from spqr_quant.inference_kernels.cuda_kernel import call_dequantize_compressed
     except Exception as err:  # ImportError, or the nvcc build failing inside its import
-        raise _missing("spqr-quant", err) from err
+        raise _missing("spqr-quant", err, "it builds with nvcc on import and needs the CUDA toolkit that matches "
+                                          "torch; ") from err
     from spqr_cli.errors import SpQRError
 
     m, n, beta = pw.out_features, pw.in_features, 16

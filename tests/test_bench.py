@@ -7,8 +7,15 @@ import torch
 from rich.console import Console
 
 from spqr_cli.bench import render_table
-from spqr_cli.bench_peers import PEERS, parse_peers, runs_batch
+from spqr_cli.bench_peers import PEERS, _missing, parse_peers, runs_batch
 from spqr_cli.errors import SpQRError
+
+
+def test_missing_peer_messages():
+    """Not installed -> how to install; installed but broken -> the loader's error, and only its own hint."""
+    assert "pip install gemlite" in str(_missing("gemlite", ModuleNotFoundError("gemlite")))
+    broken = str(_missing("gemlite", RuntimeError("no GPU")))
+    assert "RuntimeError: no GPU" in broken and "nvcc" not in broken and "leave it out of --peers" in broken
 
 
 def test_runs_batch():
