@@ -203,7 +203,8 @@ def _scratch(pw: PackedWeight, rt: dict[str, torch.Tensor], tokens: int, blocks:
     One pair per power-of-two token count, kept for the layer's lifetime: a CUDA graph that captured one stays
     valid when a call with more tokens comes later (at most 15 fp32 rows per output row if 1, 2, 4 and 8 tokens
     all occur). A launch config with more row blocks (tuning) or another device replaces the pair: capture graphs
-    after such calls, not before.
+    after such calls, not before. The one-token pair is made at load time (``prepare_decode``); the others on the
+    first call of their width, so compile/capture a multi-token step only after one eager call of it.
     """
     size = triton.next_power_of_2(tokens)
     acc, cnt = rt.get(f"matvec_acc_{size}"), rt.get(f"matvec_cnt_{size}")
@@ -211,6 +212,17 @@ def _scratch(pw: PackedWeight, rt: dict[str, torch.Tensor], tokens: int, blocks:
         rt[f"matvec_acc_{size}"] = acc = torch.zeros(size * pw.out_features, device=device, dtype=torch.float32)
         rt[f"matvec_cnt_{size}"] = cnt = torch.zeros(size * blocks, device=device, dtype=torch.int32)
     return acc, cnt
+
+
+def prepare_decode(pw: PackedWeight) -> None:
+    """Build the layer's runtime tensors for a one-token call now (outlier residuals, scratch, tickets).
+
+    Call it outside any CUDA graph: torch.compile's CUDA graphs (mode ``reduce-overhead``, used by transformers'
+    ``generate``) refuse a replayed step that allocates tensors and keeps them, which the lazy first call would.
+    """
+    bw, _, _, _ = pick_config(pw.out_features, pw.in_features, pw)
+    blocks = triton.cdiv(triton.cdiv(pw.out_features, 32 // pw.wbits), bw)
+    _scratch(pw, prepare(pw), 1, blocks, pw.tensors["qweight"].device)
 
 
 def spqr_matvec(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None = None,

@@ -3,7 +3,9 @@
 Random weights are fine here: speed and memory do not depend on the values (never use these for accuracy).
 Both models run the same decode loop: transformers' model forward with a static KV cache, one token per step.
 The step is captured once in a CUDA graph and replayed, so the time is GPU time and not Python launch
-overhead (reported too, as ``eager``). Prefill is one forward over a ``prefill_tokens`` prompt.
+overhead (reported too, as ``eager``). With ``compile`` the step is also timed through ``torch.compile`` (inductor,
+the SpQR linears as the opaque ``spqr::linear`` op) before capture: the fused norms/rotary/activations are what
+``spqr run`` gets. Prefill is one forward over a ``prefill_tokens`` prompt.
 """
 
 from __future__ import annotations
@@ -69,8 +71,10 @@ def _model_bytes(model: nn.Module) -> int:
 
 
 @torch.no_grad()
-def decode_speed(model: nn.Module, new_tokens: int = 128, prompt_tokens: int = 16, graph: bool = True) -> float:
-    """Tokens per second of greedy one-token steps with a static KV cache (CUDA-graph replay when ``graph``)."""
+def decode_speed(model: nn.Module, new_tokens: int = 128, prompt_tokens: int = 16, graph: bool = True,
+                 compiled: bool = False) -> float:
+    """Tokens per second of greedy one-token steps with a static KV cache (CUDA-graph replay when ``graph``; the
+    step through ``torch.compile`` when ``compiled``)."""
     from transformers import StaticCache
 
     device = next(model.parameters()).device
@@ -81,9 +85,10 @@ def decode_speed(model: nn.Module, new_tokens: int = 128, prompt_tokens: int = 1
                    use_cache=True).logits
     token = logits[:, -1:].argmax(-1)
     step_pos = torch.tensor([prompt_tokens], device=device)
+    forward = torch.compile(model) if compiled else model
 
     def step() -> torch.Tensor:
-        out = model(input_ids=token, past_key_values=cache, position_ids=step_pos[None], cache_position=step_pos,
+        out = forward(input_ids=token, past_key_values=cache, position_ids=step_pos[None], cache_position=step_pos,
                     use_cache=True).logits
         return out[:, -1:].argmax(-1)
 
@@ -127,9 +132,10 @@ def prefill_ms(model: nn.Module, tokens: int = 2048, reps: int = 3) -> float:
     return min(times)
 
 
-def bench_model(size: str, packed: bool, new_tokens: int = 128, prefill_tokens: int = 2048,
+def bench_model(size: str, packed: bool, new_tokens: int = 128, prefill_tokens: int = 2048, compile: bool = False,
                 **packed_kwargs: Any) -> dict[str, Any]:
-    """Decode tokens/s (graph and eager), prefill time and peak memory of one model, built and freed here."""
+    """Decode tokens/s (graph, eager and, with ``compile``, compiled + graph), prefill time and peak memory of one
+    model, built and freed here."""
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     model = random_model(size, packed, **packed_kwargs)
@@ -137,6 +143,9 @@ def bench_model(size: str, packed: bool, new_tokens: int = 128, prefill_tokens: 
                            "weights_gb": _model_bytes(model) / 1e9}
     row["decode_tok_s"] = decode_speed(model, new_tokens, graph=True)
     row["decode_tok_s_eager"] = decode_speed(model, min(new_tokens, 32), graph=False)
+    if compile:
+        torch._dynamo.reset()  # the fp16 and the packed model must not share compiled code or guards
+        row["decode_tok_s_compiled"] = decode_speed(model, new_tokens, graph=True, compiled=True)
     row["prefill_ms"] = prefill_ms(model, prefill_tokens) if prefill_tokens else None
     row["peak_gb"] = torch.cuda.max_memory_allocated() / 1e9
     del model
@@ -145,14 +154,16 @@ def bench_model(size: str, packed: bool, new_tokens: int = 128, prefill_tokens: 
 
 
 def bench_e2e(size: str = "7B", cap_size: str | None = "33B", cap_gb: float = 24.0, new_tokens: int = 128,
-              prefill_tokens: int = 2048) -> list[dict[str, Any]]:
+              prefill_tokens: int = 2048, compile: bool = True) -> list[dict[str, Any]]:
     """fp16 vs packed ``size`` (same loop, same process), then a packed ``cap_size`` under a ``cap_gb`` limit."""
     if not torch.cuda.is_available():
         raise RuntimeError("bench_e2e needs a CUDA GPU")
-    rows = [_guarded(bench_model, size, packed, new_tokens, prefill_tokens) for packed in (False, True)]
+    rows = [_guarded(bench_model, size, packed, new_tokens, prefill_tokens, compile) for packed in (False, True)]
     if "error" not in rows[0] and "error" not in rows[1]:
         rows[1]["decode_speedup"] = rows[1]["decode_tok_s"] / rows[0]["decode_tok_s"]
         rows[1]["prefill_speedup"] = rows[0]["prefill_ms"] / rows[1]["prefill_ms"]
+        if compile:
+            rows[1]["compiled_speedup"] = rows[1]["decode_tok_s_compiled"] / rows[0]["decode_tok_s_compiled"]
     if cap_size:
         total = torch.cuda.get_device_properties(0).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, cap_gb * 1e9 / total))
@@ -176,16 +187,20 @@ def render_e2e(rows: list[dict[str, Any]]) -> object:
     from rich.table import Table
 
     table = Table(title="SpQR end to end (random weights, batch 1)")
-    for col in ("model", "weights", "decode tok/s", "eager tok/s", "prefill ms", "peak GB", "vs fp16"):
+    for col in ("model", "weights", "decode tok/s", "compiled tok/s", "eager tok/s", "prefill ms", "peak GB",
+                "vs fp16"):
         table.add_column(col, justify="right")
     for r in rows:
         if "error" in r:
-            table.add_row(f"{r['model']} {r['kind']}", "", "", "", "", "out of memory", r["error"][:40])
+            table.add_row(f"{r['model']} {r['kind']}", "", "", "", "", "", "out of memory", r["error"][:40])
             continue
         vs = f"decode {r['decode_speedup']:.2f}x, prefill {r['prefill_speedup']:.2f}x" if "decode_speedup" in r else ""
+        if "compiled_speedup" in r:
+            vs += f", compiled {r['compiled_speedup']:.2f}x"
         if "cap_gb" in r:
             vs = f"fits in {r['cap_gb']:.0f} GB"
-        table.add_row(f"{r['model']} {r['kind']}", f"{r['weights_gb']:.2f} GB", f"{r['decode_tok_s']:.1f}",
+        compiled = f"{r['decode_tok_s_compiled']:.1f}" if "decode_tok_s_compiled" in r else ""
+        table.add_row(f"{r['model']} {r['kind']}", f"{r['weights_gb']:.2f} GB", f"{r['decode_tok_s']:.1f}", compiled,
                       f"{r['decode_tok_s_eager']:.1f}", "" if r["prefill_ms"] is None else f"{r['prefill_ms']:.1f}",
                       f"{r['peak_gb']:.2f}", vs)
     return table

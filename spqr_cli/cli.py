@@ -435,6 +435,9 @@ def run(
     top_p: Annotated[float, typer.Option("--top-p", help="Nucleus sampling mass.")] = 0.95,
     top_k: Annotated[int, typer.Option("--top-k", help="Sample among the K most likely tokens.")] = 50,
     seed: Annotated[int, typer.Option("--seed", help="Sampling seed.")] = 0,
+    compile: Annotated[bool, typer.Option("--compile/--no-compile", help="On CUDA: compile the one-token step "
+                                          "(torch.compile + CUDA graph; a one-time warm-up of seconds to a minute, "
+                                          "then several times more tokens/s). Ignored on CPU.")] = True,
     device: DeviceOpt = Device.auto,
     verify: VerifyOpt = True,
 ) -> None:
@@ -448,11 +451,12 @@ def run(
 
         result = run_model(model, prompt, device=device.value, verify=verify, on_text=emit,
                            max_new_tokens=max_new_tokens, do_sample=sample, temperature=temperature, top_p=top_p,
-                           top_k=top_k, seed=seed)
+                           top_k=top_k, seed=seed, compile=compile, on_status=lambda m: typer.echo(m, err=True))
         if not result.text.endswith("\n"):
             emit("\n")
+        warm = f", compile warm-up {result.compile_seconds:.1f} s" if result.compile_seconds else ""
         typer.echo(f"{result.new_tokens} tokens, {result.tokens_per_second:.1f} tokens/s, prefill "
-                   f"{result.prefill_seconds * 1000:.0f} ms, device {result.device}", err=True)
+                   f"{result.prefill_seconds * 1000:.0f} ms, device {result.device}{warm}", err=True)
 
 
 @app.command()
@@ -470,6 +474,9 @@ def bench(
     cap_model: Annotated[str, typer.Option("--cap-model", help="LLaMA size run packed under the memory cap.")]
     = "33b",
     cap_gb: Annotated[float, typer.Option("--cap-gb", min=1.0, help="GPU memory cap for --cap-model, GB.")] = 24.0,
+    compile: Annotated[bool, typer.Option("--compile/--no-compile", help="e2e: also time the decode step through "
+                                          "torch.compile (what `spqr run` uses; ~1 min of compiling per model).")]
+    = True,
     peers: Annotated[str, typer.Option("--peers", help="Comma-separated peer kernels timed beside ours in the layer "
                                        "table: spqr-quant (the SpQR authors' CUDA kernel, 3-bit 16x16, batch 1; "
                                        "`pip install spqr-quant`, builds with nvcc on first use) and gemlite (4-bit, "
@@ -516,7 +523,7 @@ def bench(
         if part in ("all", "e2e"):
             from spqr_cli.bench_e2e import bench_e2e, render_e2e
 
-            e2e_rows = bench_e2e(e2e_model.upper(), cap_model.upper(), cap_gb)
+            e2e_rows = bench_e2e(e2e_model.upper(), cap_model.upper(), cap_gb, compile=compile)
             console().print(render_e2e(e2e_rows))
         if json_path is not None:
             write_json(rows, str(json_path), {"models": names, "batches": batch_list, "reps": reps, "peers": peer_list,

@@ -1,7 +1,11 @@
 """`spqr run`: streaming text generation from a packed (or dense) model, with tokens/s measured.
 
 Generation goes through transformers' ``generate`` so sampling, stopping and caching behave exactly as users
-expect; on GPU a static KV cache keeps shapes fixed (cheap per-token launches for the Triton kernels).
+expect. On GPU the KV cache is static (fixed shapes) and, by default, transformers compiles the one-token step
+(``torch.compile``, mode ``reduce-overhead``: inductor fuses the norms, rotary and activations around the opaque
+``spqr::linear`` op, and the step replays as one CUDA graph). Eager, a 7B-shaped packed model spends more time in
+Python launching ~230 kernels a token than on the GPU (10.8 vs 152 tokens/s on an H100, ``docs/benchmarks.md``).
+Compiling costs a one-time warm-up, run before the timed generation and reported apart.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ class GenerationResult:
     prefill_seconds: float
     decode_seconds: float
     device: str
+    compile_seconds: float = 0.0
 
     @property
     def tokens_per_second(self) -> float:
@@ -45,9 +50,13 @@ def load_for_generation(path: str | Path, device: str = "auto", verify: bool = T
 
 def generate(model: Any, tokenizer: Any, prompt: str, max_new_tokens: int = 64, do_sample: bool = False,
              temperature: float = 0.8, top_p: float = 0.95, top_k: int = 50, seed: int = 0,
-             on_text: Callable[[str], None] | None = None) -> GenerationResult:
-    """Generate from ``prompt``; ``on_text`` receives the decoded text piece by piece as it is produced."""
-    from transformers import TextStreamer
+             on_text: Callable[[str], None] | None = None, compile: bool = True,
+             on_status: Callable[[str], None] | None = None) -> GenerationResult:
+    """Generate from ``prompt``; ``on_text`` receives the decoded text piece by piece as it is produced.
+
+    ``compile`` (CUDA only): compile the decode step and warm it up first (``on_status`` hears about it).
+    """
+    from transformers import StaticCache, TextStreamer
 
     if max_new_tokens < 1:
         raise SpQRError("--max-new-tokens must be >= 1")
@@ -81,11 +90,20 @@ def generate(model: Any, tokenizer: Any, prompt: str, max_new_tokens: int = 64, 
     kwargs: dict[str, Any] = {"max_new_tokens": max_new_tokens, "do_sample": do_sample, "pad_token_id": pad}
     if do_sample:
         kwargs.update(temperature=temperature, top_p=top_p, top_k=top_k)
+    compile_seconds = 0.0
     if device.type == "cuda":
-        kwargs["cache_implementation"] = "static"
-        # no auto torch.compile of the forward: dynamo would trace the Triton launches with fake tensors;
-        # the static cache alone keeps shapes fixed for the kernels
-        kwargs["disable_compile"] = True
+        # one static cache for the warm-up and the run: same shapes, so the compiled step is reused
+        cache = StaticCache(config=model.config, max_cache_len=ids.shape[1] + max_new_tokens)
+        kwargs.update(past_key_values=cache, disable_compile=not compile)
+        if compile:
+            if on_status is not None:
+                on_status("compiling the decode step (once per process; --no-compile skips it)")
+            start = time.perf_counter()
+            with torch.no_grad():  # 4 steps: trace + compile, CUDA-graph warm-up, record, replay
+                model.generate(ids, attention_mask=torch.ones_like(ids), **{**kwargs, "max_new_tokens": 4})
+            cache.reset()
+            compile_seconds = time.perf_counter() - start
+            torch.manual_seed(seed)
     start = time.perf_counter()
     with torch.no_grad():
         out = model.generate(ids, attention_mask=torch.ones_like(ids),
@@ -95,7 +113,7 @@ def generate(model: Any, tokenizer: Any, prompt: str, max_new_tokens: int = 64, 
     # marks[0] is the prompt, marks[1] the first generated token: prefill ends there
     first = marks[1] if len(marks) > 1 else end
     return GenerationResult(prompt=prompt, text="".join(pieces), new_tokens=new, prefill_seconds=first - start,
-                            decode_seconds=end - first, device=str(device))
+                            decode_seconds=end - first, device=str(device), compile_seconds=compile_seconds)
 
 
 def run_model(path: str | Path, prompt: str, device: str = "auto", verify: bool = True,

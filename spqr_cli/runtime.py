@@ -11,11 +11,17 @@ Compute paths:
   .dequantize()``, the bit-exact contract), then ``F.linear``. On CPU the matmul runs in fp32 even for fp16
   activations and is rounded to the activation dtype once: CPU fp16 GEMM is slow and, where it exists,
   accumulates in fp32 anyway, so the result equals the dense fp16 model up to summation order.
+
+``torch.compile``: inside a compiled region the layer calls the custom op ``torch.ops.spqr.linear`` instead,
+so dynamo sees one opaque node with a known output shape (it cannot trace the Triton launcher's Python) and
+inductor fuses the norms, rotary and activations around it; that is how ``spqr run`` and transformers'
+``generate`` compile a packed model (CUDA graphs + fused non-linear ops). Eager calls skip the op's dispatch cost.
 """
 
 from __future__ import annotations
 
 import warnings
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -26,10 +32,24 @@ from torch import nn
 from spqr_cli.errors import SpQRError
 from spqr_cli.pack import PackedCheckpoint
 from spqr_cli.record import QuantizedLayer
-from spqr_kernels.layout import PackedWeight
+from spqr_kernels.layout import PACKED_TENSORS, PackedWeight
 
 _META_FIELDS = ("out_features", "in_features", "wbits", "groupsize", "beta2", "stat_bits")
 _kernel_warned = False
+# the live view of each SpQRLinear, by (qweight address, device): the custom op finds the view, and with it the
+# kernels' per-layer caches (outlier residuals, decode scratch), from the tensors it is given
+_VIEWS: weakref.WeakValueDictionary[tuple[int, str], PackedWeight] = weakref.WeakValueDictionary()
+
+
+def _view(tensors: dict[str, torch.Tensor], meta: dict[str, int]) -> PackedWeight:
+    """A ``PackedWeight`` over ``tensors`` with fp16 floating fields (a ``.to(dtype)`` may have cast the buffers),
+    so the layout stays exactly what the kernels expect."""
+    cast = {n: t.to(torch.float16) if t.is_floating_point() else t for n, t in tensors.items()}
+    return PackedWeight(**meta, tensors=cast)
+
+
+def _view_key(qweight: torch.Tensor) -> tuple[int, str]:
+    return qweight.data_ptr(), str(qweight.device)
 
 
 class SpQRLinear(nn.Module):
@@ -50,43 +70,86 @@ class SpQRLinear(nn.Module):
         self._packed: PackedWeight | None = None
 
     def _apply(self, fn, recurse=True):  # noqa: ANN001, ANN202 (nn.Module's signature)
-        self._packed = None  # buffers moved or cast: rebuild the view (and the kernels' runtime caches) lazily
-        return super()._apply(fn, recurse)
+        self._packed = None  # buffers moved or cast: rebuild the view and the kernels' runtime caches
+        out = super()._apply(fn, recurse)
+        _ = self.packed  # now, not in the first forward, which may run inside a compiled CUDA graph
+        return out
 
     @property
     def packed(self) -> PackedWeight:
-        """The layer's ``PackedWeight`` view of the current buffers (fp16 fields re-cast if a ``.to(dtype)``
-        changed them, so the layout stays exactly what the kernels expect).
+        """The layer's ``PackedWeight`` view of the current buffers (see ``_view``).
 
         Built once and kept: the kernels cache per-layer runtime tensors (outlier residuals, split-K scratch) on
         this object, so a new view per forward would rebuild them on every call."""
         if self._packed is None:
-            tensors = {}
-            for name in self._tensor_names:
-                t = getattr(self, name)
-                tensors[name] = t.to(torch.float16) if t.is_floating_point() else t
-            self._packed = PackedWeight(**{k: getattr(self, k) for k in _META_FIELDS}, tensors=tensors)
+            self._packed = _view({n: getattr(self, n) for n in self._tensor_names}, self._meta())
+            _VIEWS[_view_key(self._packed.tensors["qweight"])] = self._packed
+            if self._packed.tensors["qweight"].is_cuda:
+                _prepare_kernels(self._packed)
         return self._packed
+
+    def _meta(self) -> dict[str, int]:
+        return {k: getattr(self, k) for k in _META_FIELDS}
 
     def dequantize(self) -> torch.Tensor:
         """The fp16 dense weight ``[out, in]`` (bit-exact with the quantizer's), on the buffers' device."""
-        device = getattr(self, self._tensor_names[0]).device
-        return QuantizedLayer.from_packed(self.packed).dequantize().to(device)
+        return QuantizedLayer.from_packed(self.packed).dequantize().to(self.packed.tensors["qweight"].device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.is_cuda:
-            out = _kernel_linear(x, self.packed, self.bias)
-            if out is not None:
-                return out
-        w = self.dequantize()
-        compute = torch.float32 if x.device.type == "cpu" and x.dtype in (torch.float16, torch.bfloat16) else x.dtype
-        bias = None if self.bias is None else self.bias.to(compute)
-        return F.linear(x.to(compute), w.to(compute), bias).to(x.dtype)
+        if torch.compiler.is_compiling():
+            tensors = [self._buffers.get(n) for n in PACKED_TENSORS]
+            return torch.ops.spqr.linear(x, tensors, list(self._meta().values()), self.bias)
+        return _linear(x, self.packed, self.bias)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, wbits={self.wbits}, "
                 f"groupsize={self.groupsize}, beta2={self.beta2}, stat_bits={self.stat_bits}, "
                 f"bias={self.bias is not None}")
+
+
+def _linear(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None) -> torch.Tensor:
+    """The Triton kernels on CUDA; elsewhere (or without them) the record's decoder + ``F.linear``."""
+    if x.is_cuda:
+        out = _kernel_linear(x, pw, bias)
+        if out is not None:
+            return out
+    w = QuantizedLayer.from_packed(pw).dequantize().to(x.device)
+    compute = torch.float32 if x.device.type == "cpu" and x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+    bias = None if bias is None else bias.to(compute)
+    return F.linear(x.to(compute), w.to(compute), bias).to(x.dtype)
+
+
+def _prepare_kernels(pw: PackedWeight) -> None:
+    """The decode kernel's per-layer tensors, built when the view is (eagerly, before any compiled CUDA graph)."""
+    try:
+        from spqr_kernels.matvec import prepare_decode
+    except ImportError:
+        return  # _kernel_linear warns and falls back on the first call
+    if pw.groupsize % 16 == 0:
+        prepare_decode(pw)
+
+
+@torch.library.custom_op("spqr::linear", mutates_args=())
+def packed_linear(x: torch.Tensor, tensors: list[torch.Tensor | None], meta: list[int],
+                  bias: torch.Tensor | None) -> torch.Tensor:
+    """``x @ W.T + bias`` for a packed ``W``: the op ``torch.compile`` sees in place of ``SpQRLinear.forward``.
+
+    ``tensors``: the layer's buffers in ``layout.PACKED_TENSORS`` order (``None`` where absent); ``meta``: the
+    ``PackedWeight`` shape fields in ``_META_FIELDS`` order. The layer's live view is looked up by its code
+    buffer so the kernels' per-layer caches are reused; unknown tensors get a fresh view.
+    """
+    qweight = tensors[PACKED_TENSORS.index("qweight")]
+    pw = _VIEWS.get(_view_key(qweight)) if qweight is not None else None
+    if pw is None or pw.meta() != dict(zip(_META_FIELDS, meta, strict=True)):
+        named = {n: t for n, t in zip(PACKED_TENSORS, tensors, strict=True) if t is not None}
+        pw = _view(named, dict(zip(_META_FIELDS, meta, strict=True)))
+    return _linear(x, pw, bias)
+
+
+@packed_linear.register_fake
+def _packed_linear_shape(x: torch.Tensor, tensors: list[torch.Tensor | None], meta: list[int],
+                         bias: torch.Tensor | None) -> torch.Tensor:
+    return x.new_empty(*x.shape[:-1], meta[0])
 
 
 def _kernel_linear(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None) -> torch.Tensor | None:

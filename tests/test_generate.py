@@ -65,3 +65,16 @@ def test_public_api_names_resolve():
     from spqr_cli import generate as api_generate
 
     assert api_generate is generate  # a function, not a submodule of the same name
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_compiled_generation_matches_eager_on_cuda(quantized_demo):
+    """The compiled one-token step (torch.compile + CUDA graph around the Triton kernels) gives the eager text.
+
+    Compiled first, on a fresh model: the kernels' per-layer tensors must exist before the CUDA graph records."""
+    model, tokenizer = load_any_model(str(quantized_demo["packed"]), "fp16", "cuda")
+    compiled = generate(model, tokenizer, PROMPT, max_new_tokens=16, compile=True)
+    eager = generate(model, tokenizer, PROMPT, max_new_tokens=16, compile=False)
+    assert compiled.compile_seconds > 0 and eager.compile_seconds == 0
+    assert compiled.text == eager.text and compiled.new_tokens == eager.new_tokens

@@ -108,6 +108,35 @@ def test_generate_runs(dirs) -> None:
     assert out.shape == (1, 7)
 
 
+def test_compiled_model_matches_eager(dirs) -> None:
+    """torch.compile traces a packed model in one graph (no breaks: the layers are the ``spqr::linear`` op) and
+    computes the same logits. ``aot_eager`` runs the traced graph without code generation (no C compiler on CI)."""
+    _, p = dirs
+    model = load_packed(p, dtype=torch.float32)
+    ids = _tokens()
+    with torch.no_grad():
+        ref = model(ids).logits
+        torch._dynamo.reset()
+        got = torch.compile(model, backend="aot_eager", fullgraph=True)(ids).logits
+    assert torch.equal(got, ref)
+
+
+def test_linear_op_with_unregistered_tensors() -> None:
+    """Called with tensors no SpQRLinear owns (e.g. from another program), the op builds its own view."""
+    rec = random_record(40, 64, outlier_fraction=0.05, seed=2)
+    bias = torch.randn(40).half()
+    layer = SpQRLinear(rec.pack(), bias)
+    x = torch.randn(3, 64)
+    tensors = [None if t is None else t.clone() for t in (layer._buffers.get(n) for n in runtime.PACKED_TENSORS)]
+    meta = [getattr(layer, f) for f in runtime._META_FIELDS]
+    assert runtime._VIEWS.get(runtime._view_key(tensors[0])) is None
+    assert torch.equal(torch.ops.spqr.linear(x, tensors, meta, bias), layer(x))
+    # the layer's own buffers find its cached view
+    own = [layer._buffers.get(n) for n in runtime.PACKED_TENSORS]
+    assert runtime._VIEWS[runtime._view_key(own[0])] is layer.packed
+    assert torch.equal(torch.ops.spqr.linear(x, own, meta, bias), layer(x))
+
+
 def test_load_packed_rejects_damage(dirs, tmp_path: Path) -> None:
     _, p = dirs
     d = tmp_path / "d"
