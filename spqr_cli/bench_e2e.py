@@ -145,7 +145,10 @@ def bench_model(size: str, packed: bool, new_tokens: int = 128, prefill_tokens: 
     row["decode_tok_s_eager"] = decode_speed(model, min(new_tokens, 32), graph=False)
     if compile:
         torch._dynamo.reset()  # the fp16 and the packed model must not share compiled code or guards
-        row["decode_tok_s_compiled"] = decode_speed(model, new_tokens, graph=True, compiled=True)
+        try:
+            row["decode_tok_s_compiled"] = decode_speed(model, new_tokens, graph=True, compiled=True)
+        except Exception as e:  # noqa: BLE001 (a compiler failure is a result to report, not the end of the bench)
+            row["compile_error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:200]
     row["prefill_ms"] = prefill_ms(model, prefill_tokens) if prefill_tokens else None
     row["peak_gb"] = torch.cuda.max_memory_allocated() / 1e9
     del model
@@ -162,7 +165,7 @@ def bench_e2e(size: str = "7B", cap_size: str | None = "33B", cap_gb: float = 24
     if "error" not in rows[0] and "error" not in rows[1]:
         rows[1]["decode_speedup"] = rows[1]["decode_tok_s"] / rows[0]["decode_tok_s"]
         rows[1]["prefill_speedup"] = rows[0]["prefill_ms"] / rows[1]["prefill_ms"]
-        if compile:
+        if "decode_tok_s_compiled" in rows[0] and "decode_tok_s_compiled" in rows[1]:
             rows[1]["compiled_speedup"] = rows[1]["decode_tok_s_compiled"] / rows[0]["decode_tok_s_compiled"]
     if cap_size:
         total = torch.cuda.get_device_properties(0).total_memory
@@ -200,6 +203,9 @@ def render_e2e(rows: list[dict[str, Any]]) -> object:
         if "cap_gb" in r:
             vs = f"fits in {r['cap_gb']:.0f} GB"
         compiled = f"{r['decode_tok_s_compiled']:.1f}" if "decode_tok_s_compiled" in r else ""
+        if "compile_error" in r:
+            compiled = "failed"
+            vs += f" (compile: {r['compile_error'][:60]})"
         table.add_row(f"{r['model']} {r['kind']}", f"{r['weights_gb']:.2f} GB", f"{r['decode_tok_s']:.1f}", compiled,
                       f"{r['decode_tok_s_eager']:.1f}", "" if r["prefill_ms"] is None else f"{r['prefill_ms']:.1f}",
                       f"{r['peak_gb']:.2f}", vs)

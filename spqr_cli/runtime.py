@@ -70,10 +70,22 @@ class SpQRLinear(nn.Module):
         self._packed: PackedWeight | None = None
 
     def _apply(self, fn, recurse=True):  # noqa: ANN001, ANN202 (nn.Module's signature)
-        self._packed = None  # buffers moved or cast: rebuild the view and the kernels' runtime caches
+        before = {n: getattr(self, n) for n in self._tensor_names}
         out = super()._apply(fn, recurse)
-        _ = self.packed  # now, not in the first forward, which may run inside a compiled CUDA graph
+        if any(getattr(self, n) is not t for n, t in before.items()):  # moved or cast (a no-op .to() keeps all)
+            self._rebuild_view()
         return out
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:  # noqa: ANN002, ANN003 (nn.Module's signature)
+        super()._load_from_state_dict(*args, **kwargs)
+        self._rebuild_view()  # assign=True replaces the buffers; copying into them changes the values
+
+    def _rebuild_view(self) -> None:
+        """Drop the view and the kernels' per-layer tensors and build them again now, not in the first forward,
+        which may run inside a compiled CUDA graph. (Only when the buffers changed: a CUDA graph recorded earlier
+        reads the old view's scratch, which must stay alive while the buffers it was recorded with do.)"""
+        self._packed = None
+        _ = self.packed
 
     @property
     def packed(self) -> PackedWeight:

@@ -66,3 +66,22 @@ def test_peer_matches_its_own_dequantization(peer):
     rows = bench_layers([("7B qkvo", 4096, 4096)], batches=(1, 16), warmup=1, reps=5, peers=[peer])
     got = [r["peers"][peer] for r in rows if peer in r["peers"]]
     assert got and all(g["rel_err"] < 1e-2 and g["ms"] > 1e-4 for g in got)  # (a 16M-weight layer takes > 0.1 us)
+
+
+def test_e2e_table_shows_compiled_column_and_failures():
+    from spqr_cli.bench_e2e import render_e2e
+
+    base = {"weights_gb": 13.5, "decode_tok_s": 122.0, "decode_tok_s_eager": 20.0, "prefill_ms": 63.0,
+            "peak_gb": 13.8}
+    rows = [{"model": "7B", "kind": "fp16", **base, "decode_tok_s_compiled": 160.0},
+            {"model": "7B", "kind": "spqr", **base, "decode_tok_s": 153.0, "decode_tok_s_compiled": 215.0,
+             "decode_speedup": 1.25, "prefill_speedup": 0.77, "compiled_speedup": 1.34},
+            {"model": "13B", "kind": "spqr", **base, "compile_error": "BackendCompilerFailed: no triton"},
+            {"model": "33B", "kind": "spqr", **base, "prefill_ms": None, "cap_gb": 24.0},
+            {"model": "65B", "kind": "spqr", "error": "CUDA out of memory. Tried to allocate 2 GiB"}]
+    console = Console(width=250, record=True)
+    console.print(render_e2e(rows))
+    text = console.export_text()
+    assert "215.0" in text and "compiled 1.34x" in text and "decode 1.25x, prefill 0.77x" in text
+    assert "failed" in text and "compile: BackendCompilerFailed: no triton" in text
+    assert "fits in 24 GB" in text and "out of memory" in text

@@ -67,6 +67,38 @@ def test_public_api_names_resolve():
     assert api_generate is generate  # a function, not a submodule of the same name
 
 
+class _Cache:
+    resets = 0
+
+    def reset(self) -> None:
+        self.resets += 1
+
+
+class _Model:
+    """Stands in for a model whose compiled step fails (dynamo/inductor errors come in many types)."""
+
+    calls = 0
+
+    def generate(self, ids, **kwargs):  # noqa: ANN001, ANN003, ANN201
+        self.calls += 1
+        assert kwargs["max_new_tokens"] == 3
+        raise RuntimeError("inductor: no kernel for this op\nsecond line")
+
+
+def test_warm_up_failure_falls_back_to_eager():
+    from spqr_cli.generation import _warm_up
+
+    said: list[str] = []
+    kwargs = {"max_new_tokens": 3, "past_key_values": _Cache()}
+    assert _warm_up(_Model(), torch.zeros(1, 2, dtype=torch.long), kwargs, said.append) is None
+    assert said[-1] == "compiling failed (RuntimeError: inductor: no kernel for this op); decoding eagerly"
+    assert kwargs["past_key_values"].resets == 1  # the shared cache is left empty for the real run
+    # one new token comes from the prefill: nothing to compile, the model is not called
+    model = _Model()
+    assert _warm_up(model, torch.zeros(1, 2, dtype=torch.long), {"max_new_tokens": 1}, said.append) == 0.0
+    assert model.calls == 0
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_compiled_generation_matches_eager_on_cuda(quantized_demo):
@@ -78,3 +110,15 @@ def test_compiled_generation_matches_eager_on_cuda(quantized_demo):
     eager = generate(model, tokenizer, PROMPT, max_new_tokens=16, compile=False)
     assert compiled.compile_seconds > 0 and eager.compile_seconds == 0
     assert compiled.text == eager.text and compiled.new_tokens == eager.new_tokens
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("tokens", [1, 2])
+def test_compiled_generation_short_and_sampled_on_cuda(quantized_demo, tokens):
+    """Fewer new tokens than the warm-up takes, and sampling (the warm-up must not move the RNG)."""
+    model, tokenizer = load_any_model(str(quantized_demo["packed"]), "fp16", "cuda")
+    for kwargs in ({"max_new_tokens": tokens}, {"max_new_tokens": 12, "do_sample": True, "seed": 5}):
+        compiled = generate(model, tokenizer, PROMPT, compile=True, **kwargs)
+        eager = generate(model, tokenizer, PROMPT, compile=False, **kwargs)
+        assert compiled.text == eager.text and compiled.new_tokens == eager.new_tokens

@@ -18,6 +18,7 @@ from spqr_cli.errors import SpQRError
 from spqr_cli.pack import CONFIG_NAME, file_sha256, inspect_packed, model_fingerprint, pack_model
 from spqr_cli.runtime import SpQRLinear, load_packed
 from spqr_cli.testing import random_record
+from spqr_kernels.layout import PackedWeight
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_pack import _rewrite_config, build_quant_dir, tiny_llama  # noqa: E402
@@ -109,16 +110,47 @@ def test_generate_runs(dirs) -> None:
 
 
 def test_compiled_model_matches_eager(dirs) -> None:
-    """torch.compile traces a packed model in one graph (no breaks: the layers are the ``spqr::linear`` op) and
-    computes the same logits. ``aot_eager`` runs the traced graph without code generation (no C compiler on CI)."""
+    """torch.compile traces a packed model in one graph whose quantized layers are ``spqr::linear`` nodes (dynamo
+    does not see the Triton launcher) and computes the same logits. ``aot_eager`` runs the traced graph without
+    code generation (no C compiler on CI)."""
+    from torch._dynamo.backends.common import aot_autograd
+
     _, p = dirs
     model = load_packed(p, dtype=torch.float32)
     ids = _tokens()
+    seen: list[int] = []
+
+    def count_ops(gm: torch.fx.GraphModule, _inputs: list) -> torch.fx.GraphModule:
+        seen.append(sum(node.target is torch.ops.spqr.linear.default for node in gm.graph.nodes))
+        return gm
+
     with torch.no_grad():
         ref = model(ids).logits
         torch._dynamo.reset()
-        got = torch.compile(model, backend="aot_eager", fullgraph=True)(ids).logits
+        got = torch.compile(model, backend=aot_autograd(fw_compiler=count_ops), fullgraph=True)(ids).logits
     assert torch.equal(got, ref)
+    layers = sum(isinstance(m, SpQRLinear) for m in model.modules())
+    assert layers > 0 and seen == [layers]
+
+
+def test_view_follows_buffers() -> None:
+    """A cast or move rebuilds the layer's view (and the registry entry the compiled op finds); a no-op ``.to()``
+    keeps it, so a CUDA graph recorded with its scratch stays valid; loading a state dict rebuilds it."""
+    layer = SpQRLinear(random_record(24, 32, outlier_fraction=0.05, seed=4).pack())
+    view = layer.packed
+    layer.to("cpu")
+    assert layer.packed is view
+    layer.float()  # casts the fp16 buffers: a new view, registered under the (unchanged) code buffer
+    assert layer.packed is not view
+    assert runtime._VIEWS[runtime._view_key(layer.qweight)] is layer.packed
+    changed = {k: v * 2 if k == "outlier_val" else v.clone() for k, v in layer.state_dict().items()}
+    x = torch.randn(2, 32)
+    before = layer(x)
+    for assign in (False, True):  # copied into the buffers, or the buffers replaced
+        layer.load_state_dict(changed, assign=assign)
+        assert not torch.equal(layer(x), before)
+        fresh = SpQRLinear(PackedWeight(**layer.packed.meta(), tensors=dict(changed)))
+        assert torch.equal(layer(x), fresh(x))
 
 
 def test_linear_op_with_unregistered_tensors() -> None:
