@@ -6,8 +6,8 @@ Batch-1 decode is memory-bound: the kernel must keep many bytes in flight and sp
   programs of different tokens read the same code words at about the same time, so all but the first mostly hit
   L2. Measured on an H100 (LLaMA-7B/13B/65B shapes) against holding 2 or 4 tokens per program (more
   registers, fewer resident warps) and against the dequantize + cuBLAS path: one token per program was the
-  fastest kernel; against dequantize + cuBLAS (0.3-0.4x of fp16) it wins at 2 tokens (1.0-1.3x) and 4 (0.6-0.7x)
-  on every shape and at 8 (0.35-0.4x) on 8 of 9 (7B q/k/v: 13% slower); at 16 it loses (0.2x).
+  fastest kernel; against dequantize + cuBLAS (0.28-0.41x of fp16) it wins at 2 tokens (0.8-1.1x) and 4
+  (0.55-0.7x) on every shape and at 8 (0.36-0.4x) on 8 of 9 (7B q/k/v: 0.30x, 27% slower); at 16 it loses.
 - Code words are read once, so they are loaded ``evict_first``: the stream of weights does not push ``x``, the
   permutation, the statistics and the scratch row out of L2 (5-15% faster on the LLaMA shapes, H100).
 - Work split. A program owns ``BW`` packed word columns (``BW * cpw`` output rows) and a ``1 / SPLIT`` share of
@@ -221,8 +221,12 @@ def prepare_decode(pw: PackedWeight) -> None:
     ``generate``) refuse a replayed step that allocates tensors and keeps them, which the lazy first call would.
     """
     bw, _, _, _ = pick_config(pw.out_features, pw.in_features, pw)
-    blocks = triton.cdiv(triton.cdiv(pw.out_features, 32 // pw.wbits), bw)
-    _scratch(pw, prepare(pw), 1, blocks, pw.tensors["qweight"].device)
+    _scratch(pw, prepare(pw), 1, _row_blocks(pw, bw), pw.tensors["qweight"].device)
+
+
+def _row_blocks(pw: PackedWeight, bw: int) -> int:
+    """Programs along N (grid axis 0): blocks of ``bw`` packed word columns; one ticket each per token."""
+    return triton.cdiv(pw.tensors["qweight"].shape[1], bw)
 
 
 def spqr_matvec(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None = None,
@@ -249,7 +253,7 @@ def spqr_matvec(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None = N
     num_tiles = triton.cdiv(k, gs_t)
     per_split = triton.cdiv(triton.cdiv(num_tiles, kw), split)
     split = triton.cdiv(triton.cdiv(num_tiles, kw), per_split)
-    blocks = triton.cdiv(words, bw)
+    blocks = _row_blocks(pw, bw)
     rows_per_split = triton.cdiv(bw * cpw, split)
     rt = prepare(pw)
     acc, cnt = _scratch(pw, rt, b, blocks, x.device)
