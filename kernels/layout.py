@@ -120,3 +120,60 @@ class PackedWeight:
 
     def to(self, device: torch.device | str) -> PackedWeight:
         return PackedWeight(**self.meta(), tensors={k: v.to(device) for k, v in self.tensors.items()})
+
+
+def _cat_packed_rows(parts: list[torch.Tensor], rows: list[int], bits: int,
+                     chunk_bytes: int = 32 << 20) -> torch.Tensor:
+    """Concatenate ``pack_rows`` tensors ``[X, W_i]`` of ``rows[i]`` rows each along N, exactly.
+
+    Rows are re-packed (a member's last word may be partial: 4096 rows are 409.6 words of 10 3-bit codes), a slice
+    of the X axis at a time so that each int64 temporary stays under ``chunk_bytes``: this runs on the GPU next to
+    a loaded model (a 33B model under a 24 GB cap ran out of memory with 280 MB temporaries).
+    """
+    x = parts[0].shape[0]
+    out = torch.empty(x, -(-sum(rows) // codes_per_word(bits)), dtype=torch.int32, device=parts[0].device)
+    chunk = max(1, chunk_bytes // (8 * sum(rows)))
+    for a in range(0, x, chunk):
+        codes = torch.cat([unpack_rows(p[a:a + chunk], bits, r) for p, r in zip(parts, rows, strict=True)])
+        out[a:a + chunk] = pack_rows(codes, bits)
+    return out
+
+
+def concat_rows(pws: list[PackedWeight]) -> PackedWeight:
+    """One ``PackedWeight`` whose output rows are those of ``pws`` in order (sibling layers with one input, e.g.
+    q/k/v: one kernel launch instead of three). Exact: the result decodes to the members' rows, bit for bit.
+
+    The members must share the input width, the layout parameters and the input permutation (GPTQ's act-order
+    comes from the input's Hessian, so layers fed the same activations have the same one), and every member but
+    the last must have a multiple of ``beta2`` rows (second-level statistics cover blocks of ``beta2`` rows).
+    Raises ``ValueError`` otherwise.
+    """
+    first = pws[0]
+    meta = {k: v for k, v in first.meta().items() if k != "out_features"}
+    for pw in pws[1:]:
+        other = {k: v for k, v in pw.meta().items() if k != "out_features"}
+        if other != meta or set(pw.tensors) != set(first.tensors):
+            raise ValueError(f"cannot concatenate layers with different layouts: {meta} vs {other}")
+        if "perm" in pw.tensors and not torch.equal(pw.tensors["perm"], first.tensors["perm"]):
+            raise ValueError("cannot concatenate layers with different input permutations")
+    rows = [pw.out_features for pw in pws]
+    if first.stat_bits != 16 and any(r % first.beta2 for r in rows[:-1]):
+        raise ValueError(f"cannot concatenate layers of {rows} rows: second-level blocks are {first.beta2} rows")
+    t = [pw.tensors for pw in pws]
+    out = {"qweight": _cat_packed_rows([m["qweight"] for m in t], rows, first.wbits)}
+    for name in ("qscale", "qzero"):
+        if name in first.tensors:
+            out[name] = _cat_packed_rows([m[name] for m in t], rows, first.stat_bits)
+    for name, dim in (("scale_stats", 2), ("zero_stats", 2), ("scales", 1), ("zeros", 1)):
+        if name in first.tensors:
+            out[name] = torch.cat([m[name] for m in t], dim=dim)
+    if "perm" in first.tensors:
+        out["perm"] = first.tensors["perm"]
+    ptrs, offset = [], 0
+    for m in t:
+        ptrs.append(m["outlier_row_ptr"][:-1] + offset)
+        offset += int(m["outlier_row_ptr"][-1])
+    out["outlier_row_ptr"] = torch.cat([*ptrs, ptrs[0].new_tensor([offset])])
+    for name in ("outlier_col", "outlier_val"):
+        out[name] = torch.cat([m[name] for m in t])
+    return PackedWeight(out_features=sum(rows), **meta, tensors=out)

@@ -19,12 +19,16 @@ from spqr_kernels.layout import PackedWeight, pack_rows
 LLAMA_DIMS = {"7B": (4096, 11008), "13B": (5120, 13824), "33B": (6656, 17920), "65B": (8192, 22016)}
 
 
-def llama_shapes(models: Iterable[str] = ("7B", "13B", "33B", "65B")) -> list[tuple[str, int, int]]:
-    """``(name, N, K)`` of the distinct linear shapes per model: q/k/v/o (h->h), up/gate (h->i), down (i->h)."""
+def llama_shapes(models: Iterable[str] = ("7B", "13B", "33B", "65B"),
+                 fused: bool = False) -> list[tuple[str, int, int]]:
+    """``(name, N, K)`` of the distinct linear shapes per model: q/k/v/o (h->h), up/gate (h->i), down (i->h);
+    with ``fused`` also q+k+v and gate+up as one layer (3h x h, 2i x h: what ``siblings.fuse_siblings`` runs)."""
     out = []
     for m in models:
         h, i = LLAMA_DIMS[m]
         out += [(f"{m} qkvo", h, h), (f"{m} up/gate", i, h), (f"{m} down", h, i)]
+        if fused:
+            out += [(f"{m} qkv fused", 3 * h, h), (f"{m} gate+up fused", 2 * i, h)]
     return out
 
 

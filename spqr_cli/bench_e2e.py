@@ -32,16 +32,20 @@ def llama_config(size: str, max_len: int = 4096) -> Any:
                        max_position_embeddings=max_len, tie_word_embeddings=False)
 
 
-def random_model(size: str, packed: bool, device: str = "cuda", seed: int = 0, **packed_kwargs: Any) -> nn.Module:
+def random_model(size: str, packed: bool, device: str = "cuda", seed: int = 0, fuse: bool = True,
+                 **packed_kwargs: Any) -> nn.Module:
     """A LLaMA-``size``-shaped causal LM on ``device``; its linears are ``SpQRLinear`` when ``packed``.
 
     Weights are created directly on the device, layer by layer, so a 33B packed model never needs fp16 room.
+    Layers that share an input share their permutation, as quantized ones do, and with ``fuse`` run as one
+    launch (``siblings.fuse_siblings``, what ``load_packed`` does on CUDA).
     """
     from accelerate import init_empty_weights
     from transformers import LlamaForCausalLM
 
     from spqr_cli.models import adapter_for
     from spqr_cli.runtime import SpQRLinear
+    from spqr_cli.siblings import fuse_block
 
     config = llama_config(size)
     with init_empty_weights():
@@ -51,11 +55,19 @@ def random_model(size: str, packed: bool, device: str = "cuda", seed: int = 0, *
     blocks = adapter.get_blocks(model)
     if packed:
         for i, block in enumerate(blocks):
-            for name in adapter.linear_names():
-                lin = block.get_submodule(name)
-                pw = random_packed(lin.out_features, lin.in_features, device=device, seed=seed + i, **packed_kwargs)
-                parent, _, attr = name.rpartition(".")
-                setattr(block.get_submodule(parent), attr, SpQRLinear(pw))
+            for group in adapter.sequential:
+                perm = None
+                for name in group:
+                    lin = block.get_submodule(name)
+                    pw = random_packed(lin.out_features, lin.in_features, device=device, seed=seed + i,
+                                       **packed_kwargs)
+                    if perm is not None:
+                        pw.tensors["perm"] = perm
+                    perm = pw.tensors.get("perm")
+                    parent, _, attr = name.rpartition(".")
+                    setattr(block.get_submodule(parent), attr, SpQRLinear(pw))
+            if fuse:  # block by block, as load_packed does (see siblings.fuse_block on memory)
+                fuse_block(block, adapter.sequential)
     state = {}
     for name, p in model.named_parameters():
         if p.is_meta:
@@ -133,14 +145,18 @@ def prefill_ms(model: nn.Module, tokens: int = 2048, reps: int = 3) -> float:
 
 
 def bench_model(size: str, packed: bool, new_tokens: int = 128, prefill_tokens: int = 2048, compile: bool = False,
-                **packed_kwargs: Any) -> dict[str, Any]:
+                fuse: bool = True, **packed_kwargs: Any) -> dict[str, Any]:
     """Decode tokens/s (graph, eager and, with ``compile``, compiled + graph), prefill time and peak memory of one
-    model, built and freed here."""
+    model, built and freed here (``peak_gb``: while running; ``build_peak_gb``: while building it)."""
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
-    model = random_model(size, packed, **packed_kwargs)
-    row: dict[str, Any] = {"model": size, "kind": "spqr" if packed else "fp16",
-                           "weights_gb": _model_bytes(model) / 1e9}
+    model = random_model(size, packed, fuse=fuse, **packed_kwargs)
+    row: dict[str, Any] = {"model": size, "kind": ("spqr" if fuse else "spqr unfused") if packed else "fp16",
+                           "weights_gb": _model_bytes(model) / 1e9,
+                           "build_peak_gb": torch.cuda.max_memory_allocated() / 1e9}
+    # the peak while running is what a loaded model needs; building random weights has its own temporaries (int64
+    # codes of the layer being generated), which load_packed does not
+    torch.cuda.reset_peak_memory_stats()
     row["decode_tok_s"] = decode_speed(model, new_tokens, graph=True)
     row["decode_tok_s_eager"] = decode_speed(model, min(new_tokens, 32), graph=False)
     if compile:
@@ -157,11 +173,13 @@ def bench_model(size: str, packed: bool, new_tokens: int = 128, prefill_tokens: 
 
 
 def bench_e2e(size: str = "7B", cap_size: str | None = "33B", cap_gb: float = 24.0, new_tokens: int = 128,
-              prefill_tokens: int = 2048, compile: bool = True) -> list[dict[str, Any]]:
-    """fp16 vs packed ``size`` (same loop, same process), then a packed ``cap_size`` under a ``cap_gb`` limit."""
+              prefill_tokens: int = 2048, compile: bool = True, fuse: bool = True) -> list[dict[str, Any]]:
+    """fp16 vs packed ``size`` (same loop, same process), then a packed ``cap_size`` under a ``cap_gb`` limit.
+
+    ``fuse``: the packed models run sibling layers as one launch (the default of ``load_packed`` on CUDA)."""
     if not torch.cuda.is_available():
         raise RuntimeError("bench_e2e needs a CUDA GPU")
-    rows = [_guarded(bench_model, size, packed, new_tokens, prefill_tokens, compile) for packed in (False, True)]
+    rows = [_guarded(bench_model, size, packed, new_tokens, prefill_tokens, compile, fuse) for packed in (False, True)]
     if "error" not in rows[0] and "error" not in rows[1]:
         rows[1]["decode_speedup"] = rows[1]["decode_tok_s"] / rows[0]["decode_tok_s"]
         rows[1]["prefill_speedup"] = rows[0]["prefill_ms"] / rows[1]["prefill_ms"]
@@ -171,7 +189,8 @@ def bench_e2e(size: str = "7B", cap_size: str | None = "33B", cap_gb: float = 24
         total = torch.cuda.get_device_properties(0).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, cap_gb * 1e9 / total))
         try:
-            rows.append({**_guarded(bench_model, cap_size, True, new_tokens=32, prefill_tokens=0), "cap_gb": cap_gb})
+            rows.append({**_guarded(bench_model, cap_size, True, new_tokens=32, prefill_tokens=0, fuse=fuse),
+                         "cap_gb": cap_gb})
         finally:
             torch.cuda.set_per_process_memory_fraction(1.0)
     return rows
@@ -190,7 +209,7 @@ def render_e2e(rows: list[dict[str, Any]]) -> object:
     from rich.table import Table
 
     table = Table(title="SpQR end to end (random weights, batch 1)")
-    for col in ("model", "weights", "decode tok/s", "compiled tok/s", "eager tok/s", "prefill ms", "peak GB",
+    for col in ("model", "weights", "decode tok/s", "compiled tok/s", "eager tok/s", "prefill ms", "peak GB run/build",
                 "vs fp16"):
         table.add_column(col, justify="right")
     for r in rows:
@@ -208,5 +227,5 @@ def render_e2e(rows: list[dict[str, Any]]) -> object:
             vs += f" (compile: {r['compile_error'][:60]})"
         table.add_row(f"{r['model']} {r['kind']}", f"{r['weights_gb']:.2f} GB", f"{r['decode_tok_s']:.1f}", compiled,
                       f"{r['decode_tok_s_eager']:.1f}", "" if r["prefill_ms"] is None else f"{r['prefill_ms']:.1f}",
-                      f"{r['peak_gb']:.2f}", vs)
+                      f"{r['peak_gb']:.2f}" + (f" / {r['build_peak_gb']:.2f}" if "build_peak_gb" in r else ""), vs)
     return table

@@ -477,6 +477,12 @@ def bench(
     compile: Annotated[bool, typer.Option("--compile/--no-compile", help="e2e: also time the decode step through "
                                           "torch.compile (what `spqr run` uses; ~1 min of compiling per model).")]
     = True,
+    fused_shapes: Annotated[bool, typer.Option("--fused-shapes", help="layers: also time q+k+v and gate+up as one "
+                                               "layer each (3h x h, 2i x h), as `spqr run` runs them; fp16 gets the "
+                                               "same fused shape.")] = False,
+    fuse: Annotated[bool, typer.Option("--fuse/--no-fuse", help="e2e: run layers that share an input (q/k/v, "
+                                       "gate/up) as one kernel launch, as `spqr run` and `spqr eval` do on CUDA.")]
+    = True,
     peers: Annotated[str, typer.Option("--peers", help="Comma-separated peer kernels timed beside ours in the layer "
                                        "table: spqr-quant (the SpQR authors' CUDA kernel, 3-bit 16x16, batch 1; "
                                        "`pip install spqr-quant`, builds with nvcc on first use) and gemlite (4-bit, "
@@ -518,12 +524,12 @@ def bench(
             raise SpQRError("--peers adds columns to the layer table; use it with --part layers or all")
         rows, e2e_rows = [], []
         if part in ("all", "layers"):
-            rows = bench_layers(llama_shapes(names), batch_list, reps=reps, peers=peer_list)
+            rows = bench_layers(llama_shapes(names, fused_shapes), batch_list, reps=reps, peers=peer_list)
             console().print(render_table(rows))
         if part in ("all", "e2e"):
             from spqr_cli.bench_e2e import bench_e2e, render_e2e
 
-            e2e_rows = bench_e2e(e2e_model.upper(), cap_model.upper(), cap_gb, compile=compile)
+            e2e_rows = bench_e2e(e2e_model.upper(), cap_model.upper(), cap_gb, compile=compile, fuse=fuse)
             console().print(render_e2e(e2e_rows))
         if json_path is not None:
             write_json(rows, str(json_path), {"models": names, "batches": batch_list, "reps": reps, "peers": peer_list,

@@ -185,11 +185,13 @@ def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
 
 
 def load_packed(packed_dir: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float16,
-                verify: bool = True) -> Any:
+                verify: bool = True, fuse: bool | None = None) -> Any:
     """A transformers causal LM whose quantized linears are ``SpQRLinear`` modules; eval mode, on ``device``.
 
     ``dtype`` is the dtype of the non-quantized tensors and the activations (the packed buffers keep the
-    layout's dtypes). Peak host memory is about the packed size plus one dense layer.
+    layout's dtypes). Peak host memory is about the packed size plus one dense layer. ``fuse`` (default: on CUDA)
+    runs layers that share an input (q/k/v, gate/up) as one kernel launch (``siblings.fuse_siblings``); on CPU it
+    would only cost load time, the torch path decodes each layer per call either way.
     """
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
@@ -250,4 +252,13 @@ def load_packed(packed_dir: str | Path, device: str | torch.device = "cpu", dtyp
     if (ckpt.path / "generation_config.json").is_file():
         model.generation_config = GenerationConfig.from_pretrained(str(ckpt.path))
     model.eval()
+    if fuse if fuse is not None else device.type == "cuda":
+        from spqr_cli.models import adapter_for
+        from spqr_cli.siblings import fuse_block
+
+        adapter = adapter_for(model)
+        for block in adapter.get_blocks(model):  # block by block: see fuse_block on memory
+            fuse_block(block.to(device), adapter.sequential)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
     return model.to(device)

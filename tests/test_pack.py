@@ -55,6 +55,7 @@ def build_quant_dir(root: Path, model, cfg: QuantConfig, outlier_fraction: float
     (root / "records").mkdir()
     for b, block in enumerate(blocks):
         records = {}
+        group_perm = {sub: names_[0] for names_ in adapter.sequential for sub in names_}
         for i, sub in enumerate(adapter.linear_names()):
             lin = block.get_submodule(sub)
             full = f"{adapter.blocks}.{b}.{sub}"
@@ -63,6 +64,9 @@ def build_quant_dir(root: Path, model, cfg: QuantConfig, outlier_fraction: float
                                 stat_bits=cfg.stat_bits, outlier_fraction=outlier_fraction if cfg.has_outliers else 0,
                                 act_order=cfg.perm == "act_order", seed=100 * b + i,
                                 outlier_rows="edge" if i == 0 else "random")
+            leader = records.get(f"{adapter.blocks}.{b}.{group_perm[sub]}")
+            if leader is not None and leader.perm is not None:  # siblings share act-order, as in real runs
+                rec.perm = leader.perm.clone()
             with torch.no_grad():
                 lin.weight.copy_(rec.dequantize().to(lin.weight.dtype))
             records[full] = rec

@@ -109,14 +109,16 @@ def test_generate_runs(dirs) -> None:
     assert out.shape == (1, 7)
 
 
-def test_compiled_model_matches_eager(dirs) -> None:
+@pytest.mark.parametrize("fuse", [False, True])
+def test_compiled_model_matches_eager(dirs, fuse: bool) -> None:
     """torch.compile traces a packed model in one graph whose quantized layers are ``spqr::linear`` nodes (dynamo
-    does not see the Triton launcher) and computes the same logits. ``aot_eager`` runs the traced graph without
-    code generation (no C compiler on CI)."""
+    does not see the Triton launcher) and computes the same logits; fused siblings are one node per group (the
+    memo of ``siblings.SiblingGroup`` traces away). ``aot_eager`` runs the traced graph without code generation
+    (no C compiler on CI)."""
     from torch._dynamo.backends.common import aot_autograd
 
     _, p = dirs
-    model = load_packed(p, dtype=torch.float32)
+    model = load_packed(p, dtype=torch.float32, fuse=fuse)
     ids = _tokens()
     seen: list[int] = []
 
@@ -130,7 +132,7 @@ def test_compiled_model_matches_eager(dirs) -> None:
         got = torch.compile(model, backend=aot_autograd(fw_compiler=count_ops), fullgraph=True)(ids).logits
     assert torch.equal(got, ref)
     layers = sum(isinstance(m, SpQRLinear) for m in model.modules())
-    assert layers > 0 and seen == [layers]
+    assert layers == (4 if fuse else 7) * len(model.model.layers) and seen == [layers]
 
 
 def test_view_follows_buffers() -> None:
