@@ -38,7 +38,7 @@ def random_model(size: str, packed: bool, device: str = "cuda", seed: int = 0, f
 
     Weights are created directly on the device, layer by layer, so a 33B packed model never needs fp16 room.
     Layers that share an input share their permutation, as quantized ones do, and with ``fuse`` run as one
-    launch (``siblings.fuse_siblings``, what ``load_packed`` does on CUDA).
+    launch (``siblings.fuse_block`` per block, what ``load_packed`` does on CUDA).
     """
     from accelerate import init_empty_weights
     from transformers import LlamaForCausalLM
