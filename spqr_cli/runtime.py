@@ -253,12 +253,7 @@ def load_packed(packed_dir: str | Path, device: str | torch.device = "cpu", dtyp
         model.generation_config = GenerationConfig.from_pretrained(str(ckpt.path))
     model.eval()
     if fuse if fuse is not None else device.type == "cuda":
-        from spqr_cli.models import adapter_for
-        from spqr_cli.siblings import fuse_block
+        from spqr_cli.siblings import fuse_siblings
 
-        adapter = adapter_for(model)
-        for block in adapter.get_blocks(model):  # block by block: see fuse_block on memory
-            fuse_block(block.to(device), adapter.sequential)
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        fuse_siblings(model, device)
     return model.to(device)

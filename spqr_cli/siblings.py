@@ -71,16 +71,22 @@ class SiblingSlice(nn.Module):
                 f"out_features={self.out_features}")
 
 
-def fuse_siblings(model: nn.Module) -> int:
+def fuse_siblings(model: nn.Module, device: torch.device | None = None) -> int:
     """Fuse every group of sibling ``SpQRLinear`` layers of ``model`` in place; returns how many groups were fused.
 
     Groups come from the family adapter. A group is left as it is when its members do not fuse (different
     permutations or layouts, bias on some but not all, a member not packed); the layers then run one by one.
+    With ``device``, each block is moved there just before it is fused (see ``fuse_block`` on memory); the rest
+    of the model is the caller's to move.
     """
     from spqr_cli.models import adapter_for
 
     adapter = adapter_for(model)
-    return sum(fuse_block(block, adapter.sequential) for block in adapter.get_blocks(model))
+    fused = sum(fuse_block(block if device is None else block.to(device), adapter.sequential)
+                for block in adapter.get_blocks(model))
+    if device is not None and device.type == "cuda":
+        torch.cuda.empty_cache()  # the members' freed blocks and the re-packing temporaries, back to the driver
+    return fused
 
 
 def fuse_block(block: nn.Module, groups: tuple[tuple[str, ...], ...]) -> int:
