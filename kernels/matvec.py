@@ -20,9 +20,9 @@ Batch-1 decode is memory-bound: the kernel must keep many bytes in flight and sp
   ``sum_k s (q_k - z) x_k = s (alpha (P - X) - z X)`` with ``P = sum_k f_k x_k`` and ``X = sum_k x_k``.
 - The activations are read through the permutation (``x[perm[k]]``), so the weight is never un-permuted and no
   gather launch is needed.
-- Outliers (row-wise CSR of runtime residuals, ``outliers.prepare``): each program takes a slice of its block's
-  rows and walks their outliers with coalesced ``[R, L]`` tiles (rows x consecutive entries), so a row's entries
-  are read contiguously instead of one scattered load per row per step.
+- Outliers (row-wise CSR: the stored int16 columns, fp16 runtime residuals from ``outliers.prepare``): each
+  program takes a slice of its block's rows and walks their outliers with coalesced ``[R, L]`` tiles (rows x
+  consecutive entries), so a row's entries are read contiguously instead of one scattered load per row per step.
 - The pieces are summed with fp32 atomics into a per-layer scratch row per token; the last program of a row
   block (an atomic ticket) reads the sum back while zeroing it, adds the bias and stores the result. The scratch
   returns to zero after every call, so no memset or epilogue launch is needed (one launch per linear; concurrent
@@ -75,8 +75,8 @@ def _outliers(x_ptr, rp_ptr, oc_ptr, od_ptr, acc_ptr, row0, row_end, rows_per, R
             j = j0 + tl.arange(0, L)[None, :]
             live = j < cnt[:, None]
             idx = start[:, None] + j
-            col = tl.load(oc_ptr + idx, mask=live, other=0)
-            d = tl.load(od_ptr + idx, mask=live, other=0.0)
+            col = tl.load(oc_ptr + idx, mask=live, other=0).to(tl.int32) & 0xFFFF  # int16 read as unsigned
+            d = tl.load(od_ptr + idx, mask=live, other=0.0).to(tl.float32)
             total += tl.sum(d * tl.load(x_ptr + col, mask=live, other=0.0).to(tl.float32), axis=1)
         tl.atomic_add(acc_ptr + rows, total, mask=r_ok & (cnt > 0), sem="relaxed")
 
@@ -261,7 +261,7 @@ def spqr_matvec(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None = N
     dummy = t["qweight"]
     _matvec_kernel[(blocks, split, b)](
         x2, t.get("perm", dummy), t["qweight"], *stat_args(pw, dummy),
-        rt["row_ptr"], rt.get("outlier_col", dummy), rt.get("outlier_delta", dummy),
+        rt["row_ptr"], t.get("outlier_col", dummy), rt.get("outlier_delta", dummy),
         bias if bias is not None else dummy, acc, cnt, out,
         n, k, *sizes[1:], num_tiles, per_split, split, rows_per_split, x2.stride(0), out.stride(0), ONE_BITS,
         W=words, **meta, BW=bw, KW=kw,

@@ -34,7 +34,7 @@ def _scatter_kernel(out_ptr, rp_ptr, oc_ptr, val_ptr, inv_ptr, N, HAS_PERM: tl.c
         j = j0 + tl.arange(0, L)[None, :]
         live = j < cnt[:, None]
         idx = start[:, None] + j
-        col = tl.load(oc_ptr + idx, mask=live, other=0)
+        col = tl.load(oc_ptr + idx, mask=live, other=0).to(tl.int32) & 0xFFFF  # int16 read as unsigned
         if HAS_PERM:
             col = tl.load(inv_ptr + col, mask=live, other=0)
         val = tl.load(val_ptr + idx, mask=live, other=0.0)
@@ -53,8 +53,8 @@ def write_outliers(out: torch.Tensor, pw: PackedWeight) -> torch.Tensor:
     inv = rt.get("inv_perm")
     r = 32
     _scatter_kernel[(triton.cdiv(n, r),)](
-        out, rt["row_ptr"], rt["outlier_col"], pw.tensors["outlier_val"], inv if inv is not None else rt["row_ptr"],
-        n, HAS_PERM=inv is not None, R=r, L=16, num_warps=4,
+        out, rt["row_ptr"], pw.tensors["outlier_col"], pw.tensors["outlier_val"],
+        inv if inv is not None else rt["row_ptr"], n, HAS_PERM=inv is not None, R=r, L=16, num_warps=4,
     )
     return out
 

@@ -14,6 +14,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+from spqr_cli.bench import random_packed  # noqa: E402
 from spqr_cli.record import QuantizedLayer  # noqa: E402
 from spqr_cli.testing import random_record  # noqa: E402
 from spqr_kernels import dequantize, matvec, ops, outlier_scatter, reference  # noqa: E402
@@ -211,3 +212,29 @@ def test_gpu_kernels(case, batch):
     bias = torch.randn(pw.out_features, dtype=torch.float16, device="cuda")
     ref = reference.linear_reference(x.float(), pw, bias.float())
     check_close(ops.spqr_linear(x, pw, bias), ref)
+
+
+def _wide_layer(device: str):
+    """A 16 x 32784 layer with 5% outliers: columns >= 32768 are stored as negative int16."""
+    pw = random_packed(16, 32784, device=device, outlier_fraction=0.05)
+    assert int(pw.tensors["outlier_col"].min()) < 0
+    return pw
+
+
+@needs_triton
+def test_outlier_write_columns_past_int16():
+    """The outlier write reads the stored int16 columns as unsigned."""
+    pw = _wide_layer("cpu")
+    dense = torch.zeros(pw.in_features, pw.out_features, dtype=torch.float16)
+    expected = outlier_scatter.write_outliers_reference(dense.clone(), pw)
+    assert torch.equal(outlier_scatter.write_outliers(dense, pw), expected)
+
+
+@gpu
+@needs_cuda
+def test_gpu_decode_columns_past_int16():
+    """The decode kernel's outlier walk reads them as unsigned too (GPU only: a 32K-column K loop takes minutes
+    in the interpreter)."""
+    pw = _wide_layer("cuda")
+    x = torch.randn(2, pw.in_features, dtype=torch.float16, device="cuda")
+    check_close(matvec.spqr_matvec(x, pw), reference.linear_reference(x.float(), pw))
