@@ -1,6 +1,6 @@
 """Dequantize a packed layer to a dense fp16 ``W^T`` (``[K, N]``, permuted column order) for many-token calls.
 
-From ``matvec.MAX_TOKENS + 1`` (9) tokens on, ``ops.spqr_linear`` writes the dense weight once and hands the
+From ``ops.MAX_DECODE_TOKENS + 1`` (9) tokens on, ``ops.spqr_linear`` writes the dense weight once and hands the
 product to cuBLAS: measured on an H100, this beats a fused tensor-core kernel we had (which re-decoded every tile
 per 16-token block) at every batch size, and the extra traffic (~2.5 bytes per weight) is a fixed cost next to
 the matmul.

@@ -32,6 +32,7 @@ Batch-1 decode is memory-bound: the kernel must keep many bytes in flight and sp
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import torch
 import triton
@@ -47,9 +48,8 @@ from .dequant import (
     tile_k,
 )
 from .layout import PackedWeight
+from .ops import MAX_DECODE_TOKENS
 from .outliers import prepare
-
-MAX_TOKENS = 8  # more tokens go to dequantize + cuBLAS (dequantize.py); see the module docstring
 
 
 @functools.cache
@@ -197,7 +197,7 @@ def pick_config(n: int, k: int, pw: PackedWeight) -> tuple[int, int, int, int]:
     return bw, kw, split, kw
 
 
-def _scratch(pw: PackedWeight, rt: dict[str, torch.Tensor], tokens: int, blocks: int, device: torch.device) -> tuple:
+def _scratch(pw: PackedWeight, rt: dict, tokens: int, blocks: int, device: torch.device) -> tuple:
     """fp32 row accumulators and per-block tickets for ``tokens`` tokens; zero at rest (the kernel re-zeroes them).
 
     One pair per power-of-two token count, kept for the layer's lifetime: a CUDA graph that captured one stays
@@ -220,8 +220,7 @@ def prepare_decode(pw: PackedWeight) -> None:
     Call it outside any CUDA graph: torch.compile's CUDA graphs (mode ``reduce-overhead``, used by transformers'
     ``generate``) refuse a replayed step that allocates tensors and keeps them, which the lazy first call would.
     """
-    bw, _, _, _ = pick_config(pw.out_features, pw.in_features, pw)
-    _scratch(pw, prepare(pw), 1, _row_blocks(pw, bw), pw.tensors["qweight"].device)
+    _launch(pw, 1, False, None)
 
 
 def _row_blocks(pw: PackedWeight, bw: int) -> int:
@@ -229,21 +228,28 @@ def _row_blocks(pw: PackedWeight, bw: int) -> int:
     return triton.cdiv(pw.tensors["qweight"].shape[1], bw)
 
 
-def spqr_matvec(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None = None,
-                config: tuple[int, int, int, int] | None = None) -> torch.Tensor:
-    """``x @ W.T + bias`` for 1 to ``MAX_TOKENS`` tokens: ``x`` of shape ``[K]`` or ``[B, K]`` (fp16/bf16); returns
-    ``[N]`` or ``[B, N]``.
+class _Launch(NamedTuple):
+    """The kernel's arguments apart from ``x``, ``bias`` and ``out``, in kernel order.
 
-    ``config``: optional ``(BW, KW, SPLIT, num_warps)`` overriding ``pick_config`` (for tuning); ``BW`` and ``KW``
-    must be powers of two.
+    Kept per layer, token count and bias presence (``outliers.prepare``'s dict): working them out on every call
+    was ~40 of the ~160 us of host time an eager call took (7B q/k/v layer, H100 machine; ``F.linear``: ~25 us).
+    Most of the rest is Triton's launcher, so an uncompiled packed model is still host-bound (use torch.compile).
     """
+
+    grid: tuple[int, int, int]
+    weights: tuple[torch.Tensor, ...]  # perm, codes, six statistics, CSR row pointers, columns, residuals
+    scratch: tuple[torch.Tensor, torch.Tensor]  # fp32 rows, tickets
+    ints: tuple[int, ...]  # N, K, WS, G, NB, tiles, iterations per split, splits, rows per split, x/out strides
+    meta: dict[str, int | bool]  # the constexprs but HAS_BIAS
+
+
+def _launch(pw: PackedWeight, b: int, has_bias: bool, config: tuple[int, int, int, int] | None) -> _Launch:
+    """The launch for ``b`` tokens, cached unless ``config`` overrides ``pick_config`` (tuning)."""
+    rt = prepare(pw)
+    key = f"matvec_launch_{b}_{int(has_bias)}"
+    if config is None and key in rt:
+        return rt[key]
     n, k = pw.out_features, pw.in_features
-    b = x.numel() // k if x.shape[-1] == k else 0
-    if x.dim() > 2 or not 1 <= b <= MAX_TOKENS:
-        raise ValueError(f"spqr_matvec expects 1 to {MAX_TOKENS} tokens of {k} features, got shape {tuple(x.shape)}")
-    if x.device != pw.tensors["qweight"].device:
-        raise ValueError(f"x is on {x.device} but the weight is on {pw.tensors['qweight'].device}")
-    x2 = x.reshape(b, k).contiguous()
     t = pw.tensors
     sizes, meta = layout_args(pw)
     words, gs_t, cpw = sizes[0], meta["GS_T"], meta["CPW"]
@@ -255,18 +261,39 @@ def spqr_matvec(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None = N
     split = triton.cdiv(triton.cdiv(num_tiles, kw), per_split)
     blocks = _row_blocks(pw, bw)
     rows_per_split = triton.cdiv(bw * cpw, split)
-    rt = prepare(pw)
-    acc, cnt = _scratch(pw, rt, b, blocks, x.device)
-    out = torch.empty(b, n, device=x.device, dtype=x.dtype)
     dummy = t["qweight"]
-    _matvec_kernel[(blocks, split, b)](
-        x2, t.get("perm", dummy), t["qweight"], *stat_args(pw, dummy),
-        rt["row_ptr"], t.get("outlier_col", dummy), rt.get("outlier_delta", dummy),
-        bias if bias is not None else dummy, acc, cnt, out,
-        n, k, *sizes[1:], num_tiles, per_split, split, rows_per_split, x2.stride(0), out.stride(0), ONE_BITS,
-        W=words, **meta, BW=bw, KW=kw,
-        R=min(32, triton.next_power_of_2(rows_per_split)), L=32, EVEN_K=num_tiles % kw == 0,
-        HAS_PERM="perm" in t, HAS_OUTLIERS=pw.nnz > 0, HAS_BIAS=bias is not None,
-        num_warps=warps,
+    plan = _Launch(
+        grid=(blocks, split, b),
+        weights=(t.get("perm", dummy), dummy, *stat_args(pw, dummy), rt["row_ptr"], t.get("outlier_col", dummy),
+                 rt.get("outlier_delta", dummy)),
+        scratch=_scratch(pw, rt, b, blocks, dummy.device),
+        ints=(n, k, *sizes[1:], num_tiles, per_split, split, rows_per_split, k, n),
+        meta=dict(W=words, **meta, BW=bw, KW=kw, R=min(32, triton.next_power_of_2(rows_per_split)), L=32,
+                  EVEN_K=num_tiles % kw == 0, HAS_PERM="perm" in t, HAS_OUTLIERS=pw.nnz > 0, num_warps=warps),
     )
+    if config is None:
+        rt[key] = plan
+    return plan
+
+
+def spqr_matvec(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None = None,
+                config: tuple[int, int, int, int] | None = None) -> torch.Tensor:
+    """``x @ W.T + bias`` for 1 to ``MAX_DECODE_TOKENS`` tokens: ``x`` of shape ``[K]`` or ``[B, K]`` (fp16/bf16);
+    returns ``[N]`` or ``[B, N]``.
+
+    ``config``: optional ``(BW, KW, SPLIT, num_warps)`` overriding ``pick_config`` (for tuning); ``BW`` and ``KW``
+    must be powers of two.
+    """
+    n, k = pw.out_features, pw.in_features
+    b = x.numel() // k if x.shape[-1] == k else 0
+    if x.dim() > 2 or not 1 <= b <= MAX_DECODE_TOKENS:
+        raise ValueError(f"spqr_matvec expects 1 to {MAX_DECODE_TOKENS} tokens of {k} features, "
+                         f"got shape {tuple(x.shape)}")
+    if x.device != pw.tensors["qweight"].device:
+        raise ValueError(f"x is on {x.device} but the weight is on {pw.tensors['qweight'].device}")
+    x2 = x.reshape(b, k).contiguous()
+    p = _launch(pw, b, bias is not None, config)
+    out = torch.empty(b, n, device=x.device, dtype=x.dtype)
+    _matvec_kernel[p.grid](x2, *p.weights, bias if bias is not None else p.weights[1], *p.scratch, out, *p.ints,
+                           ONE_BITS, **p.meta, HAS_BIAS=bias is not None)
     return out.reshape(x.shape[:-1] + (n,))

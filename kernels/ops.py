@@ -1,6 +1,6 @@
 """``spqr_linear``: the one entry point the runtime calls; picks a kernel by token count, layer config and device.
 
-- CUDA tensors: 1 to ``matvec.MAX_TOKENS`` (8) tokens go to the decode kernel (``matvec.py``), more to
+- CUDA tensors: 1 to ``MAX_DECODE_TOKENS`` (8) tokens go to the decode kernel (``matvec.py``), more to
   dequantize-to-fp16 + cuBLAS (``dequantize.py``).
 - CPU tensors: the torch reference, or the same Triton kernels when ``TRITON_INTERPRET=1`` is set (that is how
   CI tests the kernels without a GPU).
@@ -17,6 +17,7 @@ from .layout import PackedWeight
 from .reference import linear_reference
 
 _DTYPES = (torch.float16, torch.bfloat16)
+MAX_DECODE_TOKENS = 8  # more tokens go to dequantize + cuBLAS (dequantize.py); see matvec.py's docstring
 
 
 def _use_triton(device: torch.device) -> bool:
@@ -56,7 +57,7 @@ def spqr_linear(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None = N
     else:
         from . import dequantize, matvec  # imported lazily: triton is only needed on this path
 
-        if tokens <= matvec.MAX_TOKENS:
+        if tokens <= MAX_DECODE_TOKENS:
             y = matvec.spqr_matvec(x2, pw, bias)
         else:
             y = dequantize.spqr_dense_matmul(x2, pw, bias)

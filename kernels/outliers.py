@@ -13,13 +13,14 @@ error of at most 2^-11 of it, the same relative rounding the dense path's fp16 w
 from __future__ import annotations
 
 import weakref
+from typing import Any
 
 import torch
 
 from .layout import PackedWeight
 from .reference import decode_stats, inverse_perm, outlier_cols, outlier_rows
 
-_CACHE: dict[int, tuple[weakref.ref, dict[str, torch.Tensor]]] = {}
+_CACHE: dict[int, tuple[weakref.ref, dict[str, Any]]] = {}
 
 
 def _dense_at(pw: PackedWeight, rows: torch.Tensor, cols: torch.Tensor, inv: torch.Tensor | None) -> torch.Tensor:
@@ -34,9 +35,9 @@ def _dense_at(pw: PackedWeight, rows: torch.Tensor, cols: torch.Tensor, inv: tor
     return s[g, rows] * (q - z[g, rows])
 
 
-def prepare(pw: PackedWeight) -> dict[str, torch.Tensor]:
+def prepare(pw: PackedWeight) -> dict[str, Any]:
     """Runtime-only tensors for ``pw`` (cached per object): fp16 outlier residuals, int32 CSR row pointers and
-    the inverse permutation.
+    the inverse permutation. The kernels keep their per-layer scratch and launch arguments in the same dict.
 
     The cache is keyed by object identity and dropped when ``pw`` is garbage collected; mutate ``pw.tensors`` and
     the cached residuals go stale, so build a new ``PackedWeight`` instead.
@@ -46,7 +47,7 @@ def prepare(pw: PackedWeight) -> dict[str, torch.Tensor]:
     if hit is not None and hit[0]() is pw:
         return hit[1]
     dev = pw.tensors["qweight"].device
-    rt: dict[str, torch.Tensor] = {}
+    rt: dict[str, Any] = {}
     inv = inverse_perm(pw)
     if pw.nnz:
         rows, cols = outlier_rows(pw), outlier_cols(pw)

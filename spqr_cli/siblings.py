@@ -45,7 +45,7 @@ class SiblingGroup(nn.Module):
         served |= 1 << member
         self._memo = None if served == self._all else (x, version, y, served)
         lo, hi = self.bounds[member]
-        return y[..., lo:hi]
+        return y.narrow(-1, lo, hi - lo)  # (a view, like y[..., lo:hi], at a fraction of the eager host time)
 
 
 class SiblingSlice(nn.Module):

@@ -86,7 +86,7 @@ def test_decode_kernel(case, config):
     _, pw = make(case, seed=3)
     bias = torch.randn(pw.out_features, dtype=torch.float16) if config else None
     runs = [(1, torch.float16), (3, torch.float16)] if config else [(1, torch.float16), (8, torch.bfloat16)]
-    for tokens, dtype in runs:  # one program per token on the third grid axis; 8 = matvec.MAX_TOKENS
+    for tokens, dtype in runs:  # one program per token on the third grid axis; 8 = ops.MAX_DECODE_TOKENS
         x = torch.randn(tokens, pw.in_features, dtype=dtype)
         ref = reference.linear_reference(x.float(), pw, None if bias is None else bias.float())
         for _ in range(2):  # the split-K scratch must be back at zero after a call
