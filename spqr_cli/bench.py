@@ -16,10 +16,11 @@ import torch.nn.functional as F
 from spqr_kernels.layout import PackedWeight, pack_rows
 
 # (hidden, intermediate) of LLaMA-7B, 13B, 33B, 65B
-LLAMA_DIMS = {"7B": (4096, 11008), "13B": (5120, 13824), "33B": (6656, 17920), "65B": (8192, 22016)}
+# (hidden, intermediate); 3B is OpenLLaMA-3B (the LLaMA architecture at 3B, multi-head attention)
+LLAMA_DIMS = {"3B": (3200, 8640), "7B": (4096, 11008), "13B": (5120, 13824), "33B": (6656, 17920), "65B": (8192, 22016)}
 
 
-def llama_shapes(models: Iterable[str] = ("7B", "13B", "33B", "65B"),
+def llama_shapes(models: Iterable[str] = ("3B", "7B", "13B", "33B", "65B"),
                  fused: bool = False) -> list[tuple[str, int, int]]:
     """``(name, N, K)`` of the distinct linear shapes per model: q/k/v/o (h->h), up/gate (h->i), down (i->h);
     with ``fused`` also q+k+v and gate+up as one layer (3h x h, 2i x h: what ``siblings.fuse_siblings`` runs)."""

@@ -18,8 +18,8 @@ from torch import nn
 
 from spqr_cli.bench import LLAMA_DIMS, random_packed
 
-# (layers, heads) of LLaMA-7B, 13B, 33B, 65B; vocabulary 32000
-LLAMA_DEPTH = {"7B": (32, 32), "13B": (40, 40), "33B": (60, 52), "65B": (80, 64)}
+# (layers, heads) of OpenLLaMA-3B and LLaMA-7B, 13B, 33B, 65B; vocabulary 32000
+LLAMA_DEPTH = {"3B": (26, 32), "7B": (32, 32), "13B": (40, 40), "33B": (60, 52), "65B": (80, 64)}
 
 
 def llama_config(size: str, max_len: int = 4096) -> Any:

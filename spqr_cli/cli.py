@@ -461,8 +461,8 @@ def run(
 
 @app.command()
 def bench(
-    models: Annotated[str, typer.Option("--models", help="Comma-separated LLaMA sizes whose layer shapes are timed.")]
-    = "7b,13b,33b,65b",
+    models: Annotated[str, typer.Option("--models", help="Comma-separated LLaMA sizes whose layer shapes are timed "
+                                        "(3b is OpenLLaMA-3B).")] = "3b,7b,13b,33b,65b",
     batches: Annotated[str, typer.Option("--batches", help="Comma-separated batch sizes (tokens per matmul).")]
     = "1,4,16,256",
     reps: Annotated[int, typer.Option("--reps", min=1, help="Calls per CUDA-graph timing (per-call time = "
