@@ -15,8 +15,7 @@ import torch.nn.functional as F
 
 from spqr_kernels.layout import PackedWeight, pack_rows
 
-# (hidden, intermediate) of LLaMA-7B, 13B, 33B, 65B
-# (hidden, intermediate); 3B is OpenLLaMA-3B (the LLaMA architecture at 3B, multi-head attention)
+# (hidden, intermediate) of the LLaMA sizes; 3B is OpenLLaMA-3B (the LLaMA architecture at 3B, multi-head attention)
 LLAMA_DIMS = {"3B": (3200, 8640), "7B": (4096, 11008), "13B": (5120, 13824), "33B": (6656, 17920), "65B": (8192, 22016)}
 
 

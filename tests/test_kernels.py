@@ -96,6 +96,19 @@ def test_decode_kernel(case, config):
 
 
 @needs_triton
+def test_decode_kernel_launch_is_kept_per_tokens_and_bias():
+    """The cached launch arguments are per token count and bias presence: alternating calls stay correct."""
+    _, pw = make(DECODE_CASES[0], seed=7)
+    bias = torch.randn(pw.out_features, dtype=torch.float16)
+    for tokens, b in ((1, None), (1, bias), (3, None), (1, None), (3, bias)):
+        x = torch.randn(tokens, pw.in_features, dtype=torch.float16)
+        check_close(matvec.spqr_matvec(x, pw, b), reference.linear_reference(x.float(), pw, None if b is None
+                                                                              else b.float()))
+    assert {k for k in prepare(pw) if k.startswith("matvec_launch")} == {
+        "matvec_launch_1_0", "matvec_launch_1_1", "matvec_launch_3_0", "matvec_launch_3_1"}
+
+
+@needs_triton
 def test_decode_kernel_scratch_follows_config():
     """A launch config with more row blocks than the first call's gets tickets for all of them."""
     _, pw = make(DECODE_CASES[2], seed=4)
