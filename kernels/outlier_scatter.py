@@ -1,11 +1,12 @@
-"""Write a layer's outliers into its dense fp16 copy ``W^T[perm position, row]`` in one launch.
+"""Write a layer's outliers into its dense fp16 copy ``W^T[col, row]`` in one launch.
 
 The multi-token path (``dequantize.py``) first writes the dense decode, then this kernel overwrites the outlier
 positions with the stored outlier weights. Done with torch indexing this took ~8 small kernels (expanding the CSR
 rows, mapping columns through the inverse permutation, the scatter itself), ~45 us per call on a LLaMA-7B q/k/v
 layer on an H100, more than the dequantize kernel and the matmul together; this kernel takes 23 us there. Here a
 program takes ``R`` rows and walks their CSR entries in ``[R, L]`` tiles (``L`` consecutive entries of each row),
-so the column and value loads are contiguous within a row and nothing is allocated per call.
+so the column and value loads are contiguous within a row and nothing is allocated per call. The copy is in the
+input's own column order, so the stored columns are the row addresses as they are.
 
 (Adding the outliers to the product instead, as a sparse ``X @ D^T`` after cuBLAS, measured slower at every batch
 size on the same layers: gathering ``X[:, col]`` for each outlier and token costs more than one scattered store
@@ -20,12 +21,11 @@ import triton.language as tl
 
 from .layout import PackedWeight
 from .outliers import prepare
-from .reference import inverse_perm, outlier_cols, outlier_rows
+from .reference import outlier_cols, outlier_rows
 
 
 @triton.jit
-def _scatter_kernel(out_ptr, rp_ptr, oc_ptr, val_ptr, inv_ptr, N, HAS_PERM: tl.constexpr, R: tl.constexpr,
-                    L: tl.constexpr):
+def _scatter_kernel(out_ptr, rp_ptr, oc_ptr, val_ptr, N, R: tl.constexpr, L: tl.constexpr):
     rows = tl.program_id(0) * R + tl.arange(0, R)
     r_ok = rows < N
     start = tl.load(rp_ptr + rows, mask=r_ok, other=0)
@@ -35,26 +35,21 @@ def _scatter_kernel(out_ptr, rp_ptr, oc_ptr, val_ptr, inv_ptr, N, HAS_PERM: tl.c
         live = j < cnt[:, None]
         idx = start[:, None] + j
         col = tl.load(oc_ptr + idx, mask=live, other=0).to(tl.int32) & 0xFFFF  # int16 read as unsigned
-        if HAS_PERM:
-            col = tl.load(inv_ptr + col, mask=live, other=0)
         val = tl.load(val_ptr + idx, mask=live, other=0.0)
         tl.store(out_ptr + col.to(tl.int64) * N + rows[:, None], val, mask=live)
 
 
 def write_outliers(out: torch.Tensor, pw: PackedWeight) -> torch.Tensor:
-    """Set ``out[inv_perm[col], row] = outlier_val`` for every outlier of ``pw``; ``out`` is fp16 ``[K, N]``."""
+    """Set ``out[col, row] = outlier_val`` for every outlier of ``pw``; ``out`` is fp16 ``[K, N]`` (``W^T``)."""
     n, k = pw.out_features, pw.in_features
     if out.shape != (k, n) or out.dtype != torch.float16 or not out.is_contiguous():
         raise ValueError(f"write_outliers needs a contiguous fp16 [{k}, {n}] tensor, got {out.dtype} "
                          f"{tuple(out.shape)}")
     if not pw.nnz:
         return out
-    rt = prepare(pw)
-    inv = rt.get("inv_perm")
     r = 32
     _scatter_kernel[(triton.cdiv(n, r),)](
-        out, rt["row_ptr"], pw.tensors["outlier_col"], pw.tensors["outlier_val"],
-        inv if inv is not None else rt["row_ptr"], n, HAS_PERM=inv is not None, R=r, L=16, num_warps=4,
+        out, prepare(pw)["row_ptr"], pw.tensors["outlier_col"], pw.tensors["outlier_val"], n, R=r, L=16, num_warps=4,
     )
     return out
 
@@ -62,6 +57,5 @@ def write_outliers(out: torch.Tensor, pw: PackedWeight) -> torch.Tensor:
 def write_outliers_reference(out: torch.Tensor, pw: PackedWeight) -> torch.Tensor:
     """The same write with torch indexing (for tests)."""
     if pw.nnz:
-        cols, inv = outlier_cols(pw), inverse_perm(pw)
-        out[inv[cols] if inv is not None else cols, outlier_rows(pw)] = pw.tensors["outlier_val"].to(out.dtype)
+        out[outlier_cols(pw), outlier_rows(pw)] = pw.tensors["outlier_val"].to(out.dtype)
     return out

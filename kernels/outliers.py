@@ -1,4 +1,4 @@
-"""Per-layer runtime tensors shared by the kernels: outlier residuals and the inverse permutation.
+"""Per-layer runtime tensors shared by the kernels: outlier residuals and CSR row pointers.
 
 An outlier *replaces* the dense decode at its position, so the kernels multiply by the dense decode everywhere
 and then add ``(val - dense_decode) * x[col]`` per outlier. That residual (``outlier_delta``) is derived once per
@@ -36,8 +36,8 @@ def _dense_at(pw: PackedWeight, rows: torch.Tensor, cols: torch.Tensor, inv: tor
 
 
 def prepare(pw: PackedWeight) -> dict[str, Any]:
-    """Runtime-only tensors for ``pw`` (cached per object): fp16 outlier residuals, int32 CSR row pointers and
-    the inverse permutation. The kernels keep their per-layer scratch and launch arguments in the same dict.
+    """Runtime-only tensors for ``pw`` (cached per object): fp16 outlier residuals and int32 CSR row pointers.
+    The kernels keep their per-layer scratch and launch arguments in the same dict.
 
     The cache is keyed by object identity and dropped when ``pw`` is garbage collected; mutate ``pw.tensors`` and
     the cached residuals go stale, so build a new ``PackedWeight`` instead.
@@ -48,13 +48,10 @@ def prepare(pw: PackedWeight) -> dict[str, Any]:
         return hit[1]
     dev = pw.tensors["qweight"].device
     rt: dict[str, Any] = {}
-    inv = inverse_perm(pw)
     if pw.nnz:
         rows, cols = outlier_rows(pw), outlier_cols(pw)
-        delta = pw.tensors["outlier_val"].float() - _dense_at(pw, rows, cols, inv)
+        delta = pw.tensors["outlier_val"].float() - _dense_at(pw, rows, cols, inverse_perm(pw))
         rt["outlier_delta"] = delta.half().contiguous()
     rt["row_ptr"] = pw.tensors["outlier_row_ptr"].to(device=dev, dtype=torch.int32).contiguous()
-    if inv is not None:  # original column -> permuted position (the dense prefill path writes outliers there)
-        rt["inv_perm"] = inv.to(dev)
     _CACHE[key] = (weakref.ref(pw, lambda _ref, key=key: _CACHE.pop(key, None)), rt)
     return rt
