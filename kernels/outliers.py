@@ -23,9 +23,9 @@ from .reference import decode_stats, inverse_perm, outlier_cols, outlier_rows
 _CACHE: dict[int, tuple[weakref.ref, dict[str, Any]]] = {}
 
 
-def _dense_at(pw: PackedWeight, rows: torch.Tensor, cols: torch.Tensor, inv: torch.Tensor | None) -> torch.Tensor:
-    """fp32 dense decode (no outliers) at original positions ``(rows, cols)``, without building the full matrix
-    (``inv``: ``inverse_perm(pw)``)."""
+def _dense_at(pw: PackedWeight, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """fp32 dense decode (no outliers) at original positions ``(rows, cols)``, without building the full matrix."""
+    inv = inverse_perm(pw)
     j = inv[cols] if inv is not None else cols
     cpw = 32 // pw.wbits
     words = pw.tensors["qweight"][j, rows // cpw].long() & 0xFFFFFFFF
@@ -50,7 +50,7 @@ def prepare(pw: PackedWeight) -> dict[str, Any]:
     rt: dict[str, Any] = {}
     if pw.nnz:
         rows, cols = outlier_rows(pw), outlier_cols(pw)
-        delta = pw.tensors["outlier_val"].float() - _dense_at(pw, rows, cols, inverse_perm(pw))
+        delta = pw.tensors["outlier_val"].float() - _dense_at(pw, rows, cols)
         rt["outlier_delta"] = delta.half().contiguous()
     rt["row_ptr"] = pw.tensors["outlier_row_ptr"].to(device=dev, dtype=torch.int32).contiguous()
     _CACHE[key] = (weakref.ref(pw, lambda _ref, key=key: _CACHE.pop(key, None)), rt)
