@@ -16,11 +16,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from spqr_cli.calibrate import build_calibration_set
-from spqr_cli.config import load_preset
-from spqr_cli.evaluate import evaluate_perplexity, load_any_model
-from spqr_cli.pack import inspect_packed, pack_model
-from spqr_cli.quantize import quantize_model
+from spqr_cli.core.calibrate import build_calibration_set
+from spqr_cli.core.config import load_preset
+from spqr_cli.core.evaluate import evaluate_perplexity, load_any_model
+from spqr_cli.format.checkpoint import inspect_packed, pack_model
+from spqr_cli.quant.driver import quantize_model
 
 
 def main() -> None:

@@ -12,8 +12,8 @@ import itertools
 import torch
 from rich.console import Console
 
-from spqr_cli.bench import bench_layers, llama_shapes, random_packed, render_table, time_cuda, write_json
-from spqr_cli.bench_peers import parse_peers
+from spqr_cli.bench.layers import bench_layers, llama_shapes, random_packed, render_table, time_cuda, write_json
+from spqr_cli.bench.peers import parse_peers
 
 
 def sweep_decode(shapes, batches, reps: int) -> list[dict]:
@@ -51,7 +51,7 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=50)
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--sweep", choices=("decode",))
-    p.add_argument("--peers", default="", help="comma-separated: spqr-quant, gemlite (see spqr_cli.bench_peers)")
+    p.add_argument("--peers", default="", help="comma-separated: spqr-quant, gemlite (see spqr_cli.bench.peers)")
     p.add_argument("--json")
     a = p.parse_args()
     shapes = llama_shapes(a.models.split(","))

@@ -1,16 +1,16 @@
 """Dequantize a packed layer to a dense fp16 ``W^T`` (``[K, N]``, original input order) for many-token calls.
 
-From ``ops.MAX_DECODE_TOKENS + 1`` (9) tokens on, ``ops.spqr_linear`` writes the dense weight once and hands the
-product to cuBLAS: measured on an H100, this beats a fused tensor-core kernel we had (which re-decoded every tile
-per 16-token block) at every batch size, and the extra traffic (~2.5 bytes per weight) is a fixed cost next to
-the matmul.
+From ``matvec.MAX_DECODE_TOKENS + 1`` (9) tokens on, ``ops.spqr_linear`` writes the dense weight once and hands the
+product to cuBLAS: it beat a fused tensor-core kernel we had (which re-decoded every tile per 16-token block) at
+every batch size we measured, and the extra traffic (~2.5 bytes per weight) is a fixed cost next to the matmul
+(figures: ``docs/benchmarks.md``, "Design measurements").
 
 The kernel has the decode kernel's structure (``dequant.py``): a program owns ``BW`` word columns (one per lane)
 and ``KW`` k-tiles (one per warp); each thread loads its ``GS_T`` words of one tile, decodes the tile's
 statistics once and writes ``w = s q - s z`` (``q`` from ``mantissa_codes``). Permuted column ``j`` is written
 to row ``perm[j]``, so the copy is in the activations' own order and ``x @ W^T`` needs no gather of ``x`` (a
-``[tokens, K]`` column gather, ``index_select``, cost up to a third of the matmul itself on the LLaMA down
-projections at 2048 tokens on an H100). Each row is still one contiguous store, only its address moves. The
+``[tokens, K]`` column gather, ``index_select``, cost a large share of the matmul itself on the LLaMA down
+projections at 2048 tokens). Each row is still one contiguous store, only its address moves. The
 outliers are then written into the dense copy at their own columns (``outlier_scatter.py``, a second launch: the
 dense values must be in place first).
 

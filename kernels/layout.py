@@ -85,6 +85,23 @@ def unpack_rows(packed: torch.Tensor, bits: int, rows: int) -> torch.Tensor:
     return unpack_bits(packed.t(), bits, rows)
 
 
+def formula_bits(wbits: int, groupsize: int, beta2: int, stat_bits: int, out_features: int,
+                 outlier_fraction: float = 0.0, has_perm: bool = False) -> float:
+    """Average bits per weight by the format's formula: the one definition every report uses.
+
+    ``wbits`` per code; per group of ``groupsize`` columns either an fp16 scale and zero (``stat_bits == 16``) or
+    two ``stat_bits`` codes plus their share of the fp16 second-level (scale, zero) pairs of each statistic,
+    which cover ``beta2`` rows; 32 bits per outlier (fp16 value + 16-bit column; the CSR row pointers are not
+    counted); a 32-bit permutation index per input column, shared by the layer's ``out_features`` rows.
+    """
+    if stat_bits == 16:
+        stats = 32.0 / groupsize
+    else:
+        stats = 2 * stat_bits / groupsize + 2 * 2 * 16 / (groupsize * beta2)
+    perm = 32.0 / out_features if has_perm else 0.0
+    return wbits + stats + 32.0 * outlier_fraction + perm
+
+
 @dataclass
 class PackedWeight:
     """One layer's packed buffers plus its shape metadata (see the module docstring for the layout)."""
@@ -117,6 +134,11 @@ class PackedWeight:
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors.values())
+
+    def formula_bits(self) -> float:
+        """Bits per weight by ``formula_bits`` (measured bits are ``8 * nbytes() / (N * K)``)."""
+        return formula_bits(self.wbits, self.groupsize, self.beta2, self.stat_bits, self.out_features,
+                            self.nnz / (self.out_features * self.in_features), "perm" in self.tensors)
 
     def to(self, device: torch.device | str) -> PackedWeight:
         return PackedWeight(**self.meta(), tensors={k: v.to(device) for k, v in self.tensors.items()})

@@ -4,12 +4,11 @@ Batch-1 decode is memory-bound: the kernel must keep many bytes in flight and sp
 
 - A few tokens (speculative decoding, small batches): a third grid axis takes one token per program; the
   programs of different tokens read the same code words at about the same time, so all but the first mostly hit
-  L2. Measured on an H100 (LLaMA-7B/13B/65B shapes) against holding 2 or 4 tokens per program (more
-  registers, fewer resident warps) and against the dequantize + cuBLAS path: one token per program was the
-  fastest kernel; against dequantize + cuBLAS (0.28-0.41x of fp16) it wins at 2 tokens (0.8-1.1x) and 4
-  (0.55-0.7x) on every shape and at 8 (0.36-0.4x) on 8 of 9 (7B q/k/v: 0.30x, 27% slower); at 16 it loses.
+  L2. One token per program beat holding 2 or 4 tokens per program (more registers, fewer resident warps), and
+  beats the dequantize + cuBLAS path up to 8 tokens; at 16 it loses (``docs/benchmarks.md``, "Design
+  measurements").
 - Code words are read once, so they are loaded ``evict_first``: the stream of weights does not push ``x``, the
-  permutation, the statistics and the scratch row out of L2 (5-15% faster on the LLaMA shapes, H100).
+  permutation, the statistics and the scratch row out of L2 (measurably faster on every LLaMA shape).
 - Work split. A program owns ``BW`` packed word columns (``BW * cpw`` output rows) and a ``1 / SPLIT`` share of
   the k-tiles (``GS_T`` permuted columns inside one group). Its ``KW`` warp rows take ``KW`` consecutive k-tiles
   per iteration; a thread owns one word column of one k-tile, so its ``GS_T`` word loads are independent and in
@@ -48,13 +47,15 @@ from .dequant import (
     tile_k,
 )
 from .layout import PackedWeight
-from .ops import MAX_DECODE_TOKENS
 from .outliers import prepare
+
+MAX_DECODE_TOKENS = 8  # more tokens go to dequantize + cuBLAS (dequantize.py): see the module docstring
 
 
 @functools.cache
 def _num_sms() -> int:
-    """Streaming multiprocessors of the current GPU (132 on an H100 SXM; also the CPU interpreter's stand-in)."""
+    """Streaming multiprocessors of the current GPU (132 on an H100 SXM or H200; also the CPU interpreter's
+    stand-in)."""
     return torch.cuda.get_device_properties().multi_processor_count if torch.cuda.is_available() else 132
 
 
@@ -185,9 +186,9 @@ def pick_config(n: int, k: int, pw: PackedWeight) -> tuple[int, int, int, int]:
     """``(BW, KW, SPLIT, num_warps)`` for a layer: 32 word columns (one per lane) x 4 warps per program, each warp
     on its own k-tile, and as many k-splits as it takes to reach ~4 programs per SM (>= 1 iteration each).
 
-    From sweeps on an H100 (LLaMA-7B/65B shapes, ``benchmarks/bench_layers.py --sweep decode``): 4 warps beat 8
-    and 16 (more, smaller programs), one word column per lane beats 2-8 (x is loaded once per word), and 4
-    programs per SM was best or within 5% of the best split on every shape.
+    From sweeps on LLaMA-7B/65B shapes (``benchmarks/bench_layers.py --sweep decode``): 4 warps beat 8 and 16
+    (more, smaller programs), one word column per lane beats 2-8 (x is loaded once per word), and 4 programs per
+    SM was best or close to the best split on every shape.
     """
     words = triton.cdiv(n, 32 // pw.wbits)
     bw = min(32, triton.next_power_of_2(words))
@@ -232,8 +233,8 @@ class _Launch(NamedTuple):
     """The kernel's arguments apart from ``x``, ``bias`` and ``out``, in kernel order.
 
     Kept per layer, token count and bias presence (``outliers.prepare``'s dict): working them out on every call
-    was ~40 of the ~160 us of host time an eager call took (7B q/k/v layer, H100 machine; ``F.linear``: ~25 us).
-    Most of the rest is Triton's launcher, so an uncompiled packed model is still host-bound (use torch.compile).
+    was about a quarter of an eager call's host time. Most of the rest is Triton's launcher, so an uncompiled
+    packed model is still host-bound (use torch.compile; figures in ``docs/benchmarks.md``).
     """
 
     grid: tuple[int, int, int]

@@ -2,8 +2,8 @@
 
 The multi-token path (``dequantize.py``) first writes the dense decode, then this kernel overwrites the outlier
 positions with the stored outlier weights. Done with torch indexing this took ~8 small kernels (expanding the CSR
-rows, mapping columns through the inverse permutation, the scatter itself), ~45 us per call on a LLaMA-7B q/k/v
-layer on an H100, more than the dequantize kernel and the matmul together; this kernel takes 23 us there. Here a
+rows, mapping columns through the inverse permutation, the scatter itself), more time than the dequantize kernel
+and the matmul together; this one launch takes about half of that (``docs/benchmarks.md``). Here a
 program takes ``R`` rows and walks their CSR entries in ``[R, L]`` tiles (``L`` consecutive entries of each row),
 so the column and value loads are contiguous within a row and nothing is allocated per call. The copy is in the
 input's own column order, so the stored columns are the row addresses as they are.
@@ -19,9 +19,9 @@ import torch
 import triton
 import triton.language as tl
 
+from .decode import outlier_cols, outlier_rows
 from .layout import PackedWeight
 from .outliers import prepare
-from .reference import outlier_cols, outlier_rows
 
 
 @triton.jit

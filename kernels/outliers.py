@@ -17,8 +17,8 @@ from typing import Any
 
 import torch
 
+from .decode import decode_stats, inverse_perm, outlier_cols, outlier_rows
 from .layout import PackedWeight
-from .reference import decode_stats, inverse_perm, outlier_cols, outlier_rows
 
 _CACHE: dict[int, tuple[weakref.ref, dict[str, Any]]] = {}
 

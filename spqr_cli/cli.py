@@ -13,11 +13,13 @@ import sys
 from collections.abc import Iterator
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
 from spqr_cli import __version__
+from spqr_cli.console import config_line, console
+from spqr_cli.quant.methods import method_names
 
 app = typer.Typer(
     name="spqr",
@@ -54,8 +56,7 @@ def error(message: str) -> None:
 @contextlib.contextmanager
 def user_errors() -> Iterator[None]:
     """Run a command body; user-fixable errors end the command with ``error: ...`` and exit code 2."""
-    from spqr_cli.config import ConfigError
-    from spqr_cli.errors import SpQRError
+    from spqr_cli.core.errors import ConfigError, SpQRError
 
     try:
         yield
@@ -65,12 +66,6 @@ def user_errors() -> Iterator[None]:
     except KeyboardInterrupt:
         error("interrupted")
         raise typer.Exit(130) from None
-
-
-def console():
-    from rich.console import Console
-
-    return Console()
 
 
 def version_callback(value: bool) -> None:
@@ -125,12 +120,12 @@ def calibrate(
     redpajama -> the 1T sample, file:PATH -> that file.
     """
     with user_errors():
-        from spqr_cli.data import settle_hub_mode
+        from spqr_cli.core.data import settle_hub_mode
 
         settle_hub_mode(model)
-        from spqr_cli.calibrate import build_calibration_set, save_calibration
-        from spqr_cli.evaluate import default_seqlen
-        from spqr_cli.models import load_config, load_tokenizer
+        from spqr_cli.core.calibrate import build_calibration_set, save_calibration
+        from spqr_cli.core.evaluate import default_seqlen
+        from spqr_cli.core.models import load_config, load_tokenizer
 
         default_seqlen(load_config(model), seqlen)
         tokenizer = load_tokenizer(model)
@@ -141,10 +136,8 @@ def calibrate(
                    f"(seed {seed}, sha256 {calib.sha256[:16]})")
 
 
-class Method(str, Enum):
-    spqr = "spqr"
-    gptq = "gptq"
-    rtn = "rtn"
+# --method choices: the registered methods (spqr_cli.quant.methods), found without importing them
+Method = Enum("Method", {name: name for name in method_names()}, type=str)
 
 
 class Perm(str, Enum):
@@ -159,9 +152,10 @@ def quantize(
                                       "re-running the same command there resumes an interrupted run.")],
     preset: Annotated[str | None, typer.Option(
         "--preset", "-p", help="Method preset (see `spqr presets`) or a YAML file. Default: the method's default "
-        "preset (spqr -> spqr-3.9bit, gptq -> gptq-4bit-g128, rtn -> rtn-4bit-g128).", show_default=False)] = None,
-    method: Annotated[Method | None, typer.Option("--method", help="spqr, gptq or rtn. Default: the preset's, "
-                                                  "else spqr.", show_default=False)] = None,
+        "preset (spqr -> spqr-3.9bit, gptq -> gptq-4bit-g128, rtn -> rtn-4bit-g128; `spqr presets` lists every "
+        "method's).", show_default=False)] = None,
+    method: Annotated[Method | None, typer.Option("--method", help=f"{', '.join(method_names())}. Default: the "
+                                                  "preset's, else spqr.", show_default=False)] = None,
     wbits: Annotated[int | None, typer.Option("--wbits", help="Weight bits (2..8).", show_default=False)] = None,
     groupsize: Annotated[int | None, typer.Option(
         "--groupsize", help="Columns per group (beta1); 0 = per-channel.", show_default=False)] = None,
@@ -199,8 +193,8 @@ def quantize(
     --nsamples, --seqlen, --seed) and its manifest is stored with the run. Next: `spqr pack OUT --out PACKED`.
     """
     with user_errors():
-        from spqr_cli.config import build_config
-        from spqr_cli.errors import SpQRError
+        from spqr_cli.core.config import build_config
+        from spqr_cli.core.errors import SpQRError
 
         cfg = build_config(preset, method.value if method else None, wbits=wbits, groupsize=groupsize, beta2=beta2,
                            stat_bits=stat_bits, outlier_threshold=outlier_threshold,
@@ -208,13 +202,13 @@ def quantize(
         if calib is not None and dataset is not None:
             raise SpQRError("--calib and --dataset both given; use --calib FILE or build the set on the fly "
                             "with --dataset, not both")
-        from spqr_cli.data import settle_hub_mode
+        from spqr_cli.core.data import settle_hub_mode
 
         settle_hub_mode(model)
-        from spqr_cli.calibrate import build_calibration_set, load_calibration
-        from spqr_cli.evaluate import default_seqlen
-        from spqr_cli.models import load_config, load_tokenizer
-        from spqr_cli.quantize import quantize_model
+        from spqr_cli.core.calibrate import build_calibration_set, load_calibration
+        from spqr_cli.core.evaluate import default_seqlen
+        from spqr_cli.core.models import load_config, load_tokenizer
+        from spqr_cli.quant.driver import quantize_model
 
         config = load_config(model)
         tokenizer = load_tokenizer(model)
@@ -225,86 +219,15 @@ def quantize(
                                               seqlen=default_seqlen(config, seqlen), seed=seed, data_dir=data_dir,
                                               model=model)
         ids = calib_set.input_ids
-        console().print(f"quantizing [bold]{model}[/] with {cfg.method} ({_config_line(cfg)}) on "
+        console().print(f"quantizing [bold]{model}[/] with {cfg.method} ({config_line(cfg)}) on "
                         f"{ids.shape[0]} x {ids.shape[1]} calibration tokens from "
                         f"{calib_set.manifest.get('source', calib)}")
+        from spqr_cli.console import print_quant_report, quant_progress
+
         with quant_progress() as progress:
             report = quantize_model(model, cfg, out, ids, calib_set.manifest, device=device.value, restart=restart,
                                     progress=progress)
-        _print_quant_report(report, out)
-
-
-def _config_line(cfg) -> str:
-    parts = [f"wbits={cfg.wbits}", f"groupsize={cfg.groupsize}"]
-    if cfg.method == "spqr":
-        parts += [f"beta2={cfg.beta2}", f"stat_bits={cfg.stat_bits}", f"tau={cfg.outlier_threshold:g}"]
-    if cfg.method != "rtn":
-        parts.append(f"perm={cfg.perm}")
-    return ", ".join(parts)
-
-
-@contextlib.contextmanager
-def quant_progress(console_: Any = None) -> Iterator:
-    """A rich progress bar over decoder blocks (current layer, elapsed, ETA) fed by quantize_model's callback.
-
-    Yields the callback ``progress(stage, done, total, detail)``. Also used by the demo.
-    """
-    from spqr_cli.progress import eta_progress
-
-    with eta_progress("[bold]{task.fields[stage]}[/]", "blocks", console_, "{task.description}") as bar:
-        task = bar.add_task("", total=None, stage="quantize")
-
-        def update(stage: str, done: int, total: int, detail: str) -> None:
-            bar.update(task, completed=done, total=total, description=detail, stage=stage)
-
-        yield update
-
-
-# Above this many layers the table shows one row per decoder block instead of one per layer.
-MAX_LAYER_ROWS = 64
-
-
-def _print_quant_report(report, out: Path) -> None:
-    """Per-layer (or per-block, for deep models) errors, outliers, bits and time, then the totals."""
-    from rich.table import Table
-
-    rows = report.layers
-    per_block = len(rows) > MAX_LAYER_ROWS
-    if per_block:  # group "model.layers.12.mlp.up_proj" under "model.layers.12"
-        groups: dict[str, list] = {}
-        for r in rows:
-            groups.setdefault(".".join(r.name.split(".")[:3]), []).append(r)
-    else:
-        groups = {r.name: [r] for r in rows}
-    table = Table(title="quantized layers" + (" (per block, parameter-weighted)" if per_block else ""))
-    for col in ("block" if per_block else "layer", "shape" if not per_block else "layers", "rel error",
-                "outlier %", "bits", "seconds"):
-        table.add_column(col, justify="left" if col in ("layer", "block") else "right",
-                         overflow="fold" if col in ("layer", "block") else "ellipsis")
-    for name, rs in groups.items():
-        params = [r.shape[0] * r.shape[1] for r in rs]
-        total = sum(params)
-
-        def avg(attr: str, rs=rs, params=params, total=total) -> float:
-            return sum(getattr(r, attr) * p for r, p in zip(rs, params, strict=True)) / total
-
-        shape = str(len(rs)) if per_block else f"{rs[0].shape[0]}x{rs[0].shape[1]}"
-        table.add_row(name, shape, f"{avg('rel_error'):.4f}", f"{avg('outlier_pct'):.2f}", f"{avg('bits'):.3f}",
-                      f"{sum(r.seconds for r in rs):.1f}")
-    totals = Table(title="totals", show_header=False)
-    totals.add_column("item")
-    totals.add_column("value", justify="right")
-    totals.add_row("layers", str(len(rows)) + (f" ({report.resumed_from_block} blocks resumed)"
-                                               if report.resumed_from_block else ""))
-    totals.add_row("average bits (formula)", f"{report.avg_bits:.3f}")
-    totals.add_row("outliers", f"{report.outlier_pct:.3f} %")
-    totals.add_row("wall time", f"{report.wall_seconds:.1f} s on {report.device}")
-    device_mem = f", {report.device} {report.peak_device_mb:.0f} MB" if report.device.startswith("cuda") else ""
-    totals.add_row("peak memory", f"host {report.peak_host_mb:.0f} MB{device_mem}")
-    c = console()
-    c.print(table)
-    c.print(totals)
-    typer.echo(f"wrote {out / 'report.json'}; next: spqr pack {out} --out PACKED")
+        print_quant_report(report, out)
 
 
 @app.command()
@@ -320,7 +243,8 @@ def pack(
     The result loads with `spqr run`, `spqr eval` and `spqr_cli.load_packed`; `spqr inspect` shows its sizes.
     """
     with user_errors():
-        from spqr_cli.pack import inspect_packed, pack_model
+        from spqr_cli.format.inspect import inspect_packed
+        from spqr_cli.format.pack import pack_model
 
         summary = pack_model(quant_dir, out, shard_size_mb=shard_size, overwrite=overwrite)
         t = inspect_packed(out, verify=False)["totals"]
@@ -339,7 +263,7 @@ def unpack(
 ) -> None:
     """Write a dense fp16 checkpoint that plain transformers loads, bit-exact with the quantizer's weights."""
     with user_errors():
-        from spqr_cli.pack import unpack_model
+        from spqr_cli.format.pack import unpack_model
 
         summary = unpack_model(packed_dir, out, verify=verify, overwrite=overwrite, shard_size_mb=shard_size)
         typer.echo(f"wrote {out}: {summary['tensors']} tensors in {len(summary['shards'])} shard(s)")
@@ -360,9 +284,10 @@ def inspect(
     with user_errors():
         import json
 
-        from spqr_cli.errors import SpQRError
-        from spqr_cli.evaluate import write_json
-        from spqr_cli.pack import inspect_packed, render_inspect
+        from spqr_cli.console import render_inspect
+        from spqr_cli.core.errors import SpQRError
+        from spqr_cli.core.io import write_json
+        from spqr_cli.format.inspect import inspect_packed
 
         result = inspect_packed(packed_dir, verify=verify)
         if json_path is not None and str(json_path) == "-":
@@ -401,12 +326,13 @@ def eval_(
     """Perplexity on a dataset's test text: rows joined with blank lines, tokenized once, non-overlapping
     SEQLEN windows, exp(mean token NLL)."""
     with user_errors():
-        from spqr_cli.data import settle_hub_mode
+        from spqr_cli.core.data import settle_hub_mode
 
         settle_hub_mode(model)
         from rich.table import Table
 
-        from spqr_cli.evaluate import evaluate_path, write_json
+        from spqr_cli.core.evaluate import evaluate_path
+        from spqr_cli.core.io import write_json
 
         result = evaluate_path(model, dataset, dtype=dtype.value, device=device.value, seqlen=seqlen,
                                max_windows=max_windows, batch_size=batch_size, data_dir=data_dir, progress=True,
@@ -443,7 +369,7 @@ def run(
 ) -> None:
     """Generate text from a prompt, streamed to stdout as it is produced; speed and device go to stderr."""
     with user_errors():
-        from spqr_cli.generation import run_model
+        from spqr_cli.runtime.generation import run_model
 
         def emit(text: str) -> None:
             sys.stdout.write(text)
@@ -495,13 +421,13 @@ def bench(
     with user_errors():
         import torch
 
-        from spqr_cli.errors import SpQRError
+        from spqr_cli.core.errors import SpQRError
 
         if not torch.cuda.is_available():
             raise SpQRError("spqr bench needs a CUDA GPU; run it on a machine with one (it times the Triton "
                             "kernels against cuBLAS)")
-        from spqr_cli.bench import LLAMA_DIMS, bench_layers, llama_shapes, render_table, write_json
-        from spqr_cli.bench_peers import parse_peers
+        from spqr_cli.bench.layers import LLAMA_DIMS, bench_layers, llama_shapes, render_table, write_bench_json
+        from spqr_cli.bench.peers import parse_peers
 
         names = [m.strip().upper() for m in models.split(",") if m.strip()]
         unknown = [m for m in names if m not in LLAMA_DIMS]
@@ -527,13 +453,13 @@ def bench(
             rows = bench_layers(llama_shapes(names, fused_shapes), batch_list, reps=reps, peers=peer_list)
             console().print(render_table(rows))
         if part in ("all", "e2e"):
-            from spqr_cli.bench_e2e import bench_e2e, render_e2e
+            from spqr_cli.bench.e2e import bench_e2e, render_e2e
 
             e2e_rows = bench_e2e(e2e_model.upper(), cap_model.upper(), cap_gb, compile=compile, fuse=fuse)
             console().print(render_e2e(e2e_rows))
         if json_path is not None:
-            write_json(rows, str(json_path), {"models": names, "batches": batch_list, "reps": reps, "peers": peer_list,
-                                              "e2e": e2e_rows})
+            write_bench_json(rows, str(json_path), {"models": names, "batches": batch_list, "reps": reps,
+                                                    "peers": peer_list, "e2e": e2e_rows})
             typer.echo(f"wrote {json_path}")
 
 
@@ -558,7 +484,7 @@ def presets() -> None:
         import yaml
         from rich.table import Table
 
-        from spqr_cli.config import CONFIG_DIR, list_presets
+        from spqr_cli.core.config import CONFIG_DIR, list_presets
 
         table = Table(title=f"presets ({CONFIG_DIR})")
         table.add_column("name")

@@ -52,7 +52,7 @@ class DemoState:
 
 
 def step_load(state: DemoState) -> None:
-    from spqr_cli.evaluate import load_any_model
+    from spqr_cli.runtime.loader import load_any_model
 
     state.model, state.tokenizer = load_any_model(str(DEMO_MODEL), dtype="fp16", device="cpu")
     n_params = sum(p.numel() for p in state.model.parameters())
@@ -60,7 +60,7 @@ def step_load(state: DemoState) -> None:
 
 
 def step_calibrate(state: DemoState) -> None:
-    from spqr_cli.calibrate import build_calibration_set, save_calibration
+    from spqr_cli.core.calibrate import build_calibration_set, save_calibration
 
     state.calib = build_calibration_set(state.tokenizer, f"file:{DEMO_CALIB}", nsamples=DEMO_NSAMPLES,
                                         seqlen=DEMO_CALIB_SEQLEN, seed=DEMO_SEED, model=str(DEMO_MODEL))
@@ -70,7 +70,7 @@ def step_calibrate(state: DemoState) -> None:
 
 
 def _perplexity(state: DemoState, model: Any) -> Any:
-    from spqr_cli.evaluate import evaluate_perplexity
+    from spqr_cli.core.evaluate import evaluate_perplexity
 
     return evaluate_perplexity(model, state.tokenizer, f"file:{DEMO_TEST}", seqlen=DEMO_SEQLEN,
                                max_windows=DEMO_EVAL_WINDOWS, batch_size=DEMO_EVAL_BATCH, progress=True)
@@ -83,9 +83,9 @@ def step_eval_fp16(state: DemoState) -> None:
 
 
 def step_quantize(state: DemoState) -> None:
-    from spqr_cli.cli import quant_progress
-    from spqr_cli.config import build_config
-    from spqr_cli.quantize import quantize_model
+    from spqr_cli.console import quant_progress
+    from spqr_cli.core.config import build_config
+    from spqr_cli.quant.driver import quantize_model
 
     state.quant_dir = state.workdir / "quant"
     with quant_progress(state.console) as progress:
@@ -97,7 +97,8 @@ def step_quantize(state: DemoState) -> None:
 
 
 def step_pack(state: DemoState) -> None:
-    from spqr_cli.pack import inspect_packed, pack_model
+    from spqr_cli.format.inspect import inspect_packed
+    from spqr_cli.format.pack import pack_model
 
     state.packed_dir = state.workdir / "packed"
     pack_model(state.quant_dir, state.packed_dir, overwrite=True)
@@ -112,7 +113,7 @@ def step_pack(state: DemoState) -> None:
 def step_eval_packed(state: DemoState) -> None:
     import torch
 
-    from spqr_cli.runtime import load_packed
+    from spqr_cli.runtime.loader import load_packed
 
     state.model = load_packed(state.packed_dir, device="cpu", dtype=torch.float32)
     result = _perplexity(state, state.model)
@@ -122,7 +123,7 @@ def step_eval_packed(state: DemoState) -> None:
 
 
 def step_run(state: DemoState) -> None:
-    from spqr_cli.generation import generate
+    from spqr_cli.runtime.generation import generate
 
     result = generate(state.model, state.tokenizer, DEMO_PROMPT, max_new_tokens=DEMO_NEW_TOKENS)
     state.summary["sample (packed, greedy)"] = " ".join(f"{DEMO_PROMPT}{result.text}".split())

@@ -10,6 +10,26 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
+
+
+def _import_kernels_interpreted() -> None:
+    """Without a GPU, build the Triton kernels in interpreter mode (decided when their modules are imported), so
+    ``test_kernels`` can run them on the CPU, then unset ``TRITON_INTERPRET`` again: with it set, every CPU
+    ``spqr_linear`` would take the (slow, interpreted) kernel path instead of the torch path the runtime uses on
+    CPU. ``test_kernels`` sets it back around its own tests."""
+    if torch.cuda.is_available() or "TRITON_INTERPRET" in os.environ:
+        return
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        import spqr_kernels.dequantize
+        import spqr_kernels.matvec
+        import spqr_kernels.outlier_scatter  # noqa: F401
+    finally:
+        del os.environ["TRITON_INTERPRET"]
+
+
+_import_kernels_interpreted()
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -20,8 +40,6 @@ QUIET_ENV = {"TRANSFORMERS_VERBOSITY": "error", "HF_HUB_DISABLE_PROGRESS_BARS": 
 
 def pytest_collection_modifyitems(config, items):
     """`gpu` tests skip themselves where there is no CUDA GPU."""
-    import torch
-
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")
@@ -88,7 +106,7 @@ def demo_model_path() -> Path:
 
 @pytest.fixture(scope="session")
 def demo_tokenizer(demo_model_path):
-    from spqr_cli.models import load_tokenizer
+    from spqr_cli.core.models import load_tokenizer
 
     return load_tokenizer(str(demo_model_path))
 

@@ -6,9 +6,9 @@ import pytest
 import torch
 from rich.console import Console
 
-from spqr_cli.bench import render_table
-from spqr_cli.bench_peers import PEERS, _missing, parse_peers, runs_batch
-from spqr_cli.errors import SpQRError
+from spqr_cli.bench.layers import render_table
+from spqr_cli.bench.peers import PEERS, _missing, parse_peers, runs_batch
+from spqr_cli.core.errors import SpQRError
 
 
 def test_missing_peer_messages():
@@ -61,7 +61,7 @@ def test_peer_matches_its_own_dequantization(peer):
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
     pytest.importorskip({"spqr-quant": "spqr_quant", "gemlite": "gemlite"}[peer])
-    from spqr_cli.bench import bench_layers
+    from spqr_cli.bench.layers import bench_layers
 
     rows = bench_layers([("7B qkvo", 4096, 4096)], batches=(1, 16), warmup=1, reps=5, peers=[peer])
     got = [r["peers"][peer] for r in rows if peer in r["peers"]]
@@ -69,7 +69,7 @@ def test_peer_matches_its_own_dequantization(peer):
 
 
 def test_e2e_table_shows_compiled_column_and_failures():
-    from spqr_cli.bench_e2e import render_e2e
+    from spqr_cli.bench.e2e import render_e2e
 
     base = {"weights_gb": 13.5, "decode_tok_s": 122.0, "decode_tok_s_eager": 20.0, "prefill_ms": 63.0,
             "peak_gb": 13.8}

@@ -4,9 +4,9 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from spqr_cli.calibrate import build_calibration_set, load_calibration, save_calibration
+from spqr_cli.core.calibrate import build_calibration_set, load_calibration, save_calibration
+from spqr_cli.core.errors import SpQRError
 from spqr_cli.demo import DEMO_CALIB
-from spqr_cli.errors import SpQRError
 
 DATASET = f"file:{DEMO_CALIB}"
 

@@ -175,7 +175,7 @@ def test_quantize_flag_errors(args, message, tmp_path, demo_model_path):
 
 
 def test_quantize_refuses_calibration_of_another_tokenizer(tmp_path, demo_model_path, demo_tokenizer):
-    from spqr_cli.calibrate import build_calibration_set, save_calibration
+    from spqr_cli.core.calibrate import build_calibration_set, save_calibration
 
     calib = build_calibration_set(demo_tokenizer, f"file:{DEMO_CALIB}", nsamples=2, seqlen=32)
     calib.manifest["tokenizer_sha256"] = "0" * 64  # as if made with another tokenizer

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from spqr_cli.config import ConfigError, QuantConfig, build_config, list_presets, load_preset
+from spqr_cli.core.config import ConfigError, QuantConfig, build_config, list_presets, load_preset
 
 
 def test_every_preset_loads_and_round_trips() -> None:

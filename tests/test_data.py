@@ -5,8 +5,8 @@ import sys
 import pytest
 import torch
 
-from spqr_cli import data
-from spqr_cli.errors import SpQRError
+from spqr_cli.core import data
+from spqr_cli.core.errors import SpQRError
 
 
 def test_split_windows_counts_and_boundaries():

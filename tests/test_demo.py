@@ -14,7 +14,7 @@ def test_demo_assets_are_small_and_present():
 
 
 def test_demo_runs_offline_end_to_end(tmp_path):
-    from spqr_cli.pack import inspect_packed
+    from spqr_cli.format.inspect import inspect_packed
 
     started = time.perf_counter()
     result = CliRunner().invoke(app, ["demo", "--out", str(tmp_path)], terminal_width=200)

@@ -6,8 +6,10 @@ import math
 import pytest
 import torch
 
-from spqr_cli.errors import SpQRError
-from spqr_cli.evaluate import evaluate_perplexity, load_any_model, write_json
+from spqr_cli.core.errors import SpQRError
+from spqr_cli.core.evaluate import evaluate_perplexity
+from spqr_cli.core.io import write_json
+from spqr_cli.runtime.loader import load_any_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -58,7 +60,7 @@ def test_seqlen_defaults_to_context_and_is_checked(tiny_llama, demo_tokenizer, t
 
 
 def test_cpu_fp16_keeps_weight_values(demo_model_path):
-    from spqr_cli.models import load_model
+    from spqr_cli.core.models import load_model
 
     model, tokenizer = load_any_model(str(demo_model_path), dtype="fp16", device="cpu")
     ref = load_model(str(demo_model_path), dtype="fp16", device="cpu")
@@ -83,8 +85,8 @@ def test_write_json_atomic(tmp_path):
 
 
 def test_model_kind_and_packed_loading(quantized_demo, demo_model_path, tmp_path):
-    from spqr_cli.evaluate import model_kind
-    from spqr_cli.runtime import SpQRLinear
+    from spqr_cli.runtime.linear import SpQRLinear
+    from spqr_cli.runtime.loader import model_kind
 
     assert model_kind(str(quantized_demo["packed"]))[0] == "packed"
     assert model_kind(str(quantized_demo["quant"])) == ("quant", str(quantized_demo["quant"] / "dense"))

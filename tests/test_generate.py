@@ -1,13 +1,14 @@
-"""``spqr_cli.generation`` against transformers' own ``generate`` on the same model (greedy is deterministic)."""
+"""``spqr_cli.runtime.generation`` against transformers' own ``generate`` on the same model (greedy is
+deterministic)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from spqr_cli.errors import SpQRError
-from spqr_cli.evaluate import load_any_model
-from spqr_cli.generation import generate, run_model
+from spqr_cli.core.errors import SpQRError
+from spqr_cli.runtime.generation import generate, run_model
+from spqr_cli.runtime.loader import load_any_model
 
 PROMPT = "The kernel scheduler"
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -86,7 +87,7 @@ class _Model:
 
 
 def test_warm_up_failure_falls_back_to_eager():
-    from spqr_cli.generation import _warm_up
+    from spqr_cli.runtime.generation import _warm_up
 
     said: list[str] = []
     kwargs = {"max_new_tokens": 3, "past_key_values": _Cache()}

@@ -1,24 +1,19 @@
 """Kernels vs the torch reference (fp32 dequantize-then-matmul), and the reference vs the record's decode.
 
-On a machine without CUDA the Triton kernels run under ``TRITON_INTERPRET=1`` (set below, before the kernel
-modules are imported) on small shapes; the ``gpu`` tests repeat the checks on large shapes on a GPU.
+On a machine without CUDA the Triton kernels run under ``TRITON_INTERPRET=1`` (``conftest.py`` imports the kernel
+modules in interpreter mode; ``_interpret`` below sets the variable around each test so that ``ops`` dispatches CPU
+tensors to them) on small shapes; the ``gpu`` tests repeat the checks on large shapes on a GPU.
 """
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-from spqr_cli.bench import random_packed  # noqa: E402
-from spqr_cli.record import QuantizedLayer  # noqa: E402
-from spqr_cli.testing import random_record  # noqa: E402
-from spqr_kernels import dequantize, matvec, ops, outlier_scatter, reference  # noqa: E402
-from spqr_kernels.outliers import prepare  # noqa: E402
+from spqr_cli.quant.record import QuantizedLayer
+from spqr_kernels import dequantize, matvec, ops, outlier_scatter, reference
+from spqr_kernels.outliers import prepare
+from spqr_kernels.synthetic import random_packed
 
 CUDA = torch.cuda.is_available()
 INTERPRETED = type(matvec._matvec_kernel).__name__ == "InterpretedFunction"
@@ -26,6 +21,12 @@ needs_triton = pytest.mark.skipif(not CUDA and not INTERPRETED,
                                   reason="kernels were imported without TRITON_INTERPRET=1 and there is no GPU")
 gpu = pytest.mark.gpu
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+
+
+@pytest.fixture(autouse=True)
+def _interpret(monkeypatch: pytest.MonkeyPatch) -> None:
+    if INTERPRETED:
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
 
 # (N, K, wbits, groupsize, stat_bits, act_order, outlier_rows)
 DECODE_CASES = [
@@ -46,8 +47,8 @@ PREFILL_CASES = DECODE_CASES[:4] + DECODE_CASES[5:] + [
 
 def make(case, seed: int = 0, device: str = "cpu"):
     n, k, wbits, gs, sb, ao, rows = case
-    rec = random_record(n, k, wbits=wbits, groupsize=gs, stat_bits=sb, act_order=ao, outlier_rows=rows, seed=seed)
-    return rec, rec.pack().to(device)
+    pw = random_packed(n, k, wbits=wbits, groupsize=gs, stat_bits=sb, act_order=ao, outlier_rows=rows, seed=seed)
+    return QuantizedLayer.from_packed(pw), pw.to(device)
 
 
 def check_close(y: torch.Tensor, ref: torch.Tensor) -> None:
@@ -191,8 +192,8 @@ def test_spqr_linear_rejects_bad_inputs():
     _, pw = make(DECODE_CASES[0])
     with pytest.raises(ValueError, match="48 input features"):
         ops.spqr_linear(torch.randn(2, 47, dtype=torch.float16), pw)
-    with pytest.raises(TypeError, match="float16 or bfloat16"):
-        ops.spqr_linear(torch.randn(2, 48), pw)
+    with pytest.raises(TypeError, match="floating-point"):
+        ops.spqr_linear(torch.ones(2, 48, dtype=torch.int32), pw)
     with pytest.raises(ValueError, match="bias"):
         ops.spqr_linear(torch.randn(2, 48, dtype=torch.float16), pw, torch.zeros(41, dtype=torch.float16))
     with pytest.raises(ValueError, match="1 to 8 tokens"):

@@ -2,8 +2,8 @@ from __future__ import annotations
 
 import pytest
 
-from spqr_cli.errors import SpQRError
-from spqr_cli.models import SUPPORTED, adapter_for, load_model
+from spqr_cli.core.errors import SpQRError
+from spqr_cli.core.models import SUPPORTED, adapter_for, load_model
 
 
 def test_unsupported_architecture_is_one_line_error(tmp_path):

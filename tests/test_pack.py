@@ -12,21 +12,15 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from spqr_cli.config import QuantConfig, default_for_method
-from spqr_cli.errors import SpQRError
-from spqr_cli.pack import (
-    CONFIG_NAME,
-    PackedCheckpoint,
-    config_checksum,
-    formula_bits,
-    inspect_packed,
-    pack_model,
-    read_packed,
-    render_inspect,
-    unpack_model,
-)
-from spqr_cli.record import load_records, save_records
-from spqr_cli.testing import random_record
+from spqr_cli.console import render_inspect
+from spqr_cli.core.config import QuantConfig, default_for_method
+from spqr_cli.core.errors import SpQRError
+from spqr_cli.format.checkpoint import CONFIG_NAME, PackedCheckpoint, config_checksum, read_packed
+from spqr_cli.format.inspect import inspect_packed
+from spqr_cli.format.pack import pack_model, unpack_model
+from spqr_cli.quant.record import QuantizedLayer, load_records, save_records
+from spqr_kernels.layout import formula_bits
+from spqr_kernels.synthetic import random_packed
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 
@@ -46,7 +40,7 @@ def build_quant_dir(root: Path, model, cfg: QuantConfig, outlier_fraction: float
 
     dense/ holds the model with every quantized linear replaced by its record's ``dequantize()``.
     """
-    from spqr_cli.models import adapter_for
+    from spqr_cli.core.models import adapter_for
 
     adapter = adapter_for(model)
     blocks = adapter.get_blocks(model)
@@ -59,11 +53,11 @@ def build_quant_dir(root: Path, model, cfg: QuantConfig, outlier_fraction: float
         for i, sub in enumerate(adapter.linear_names()):
             lin = block.get_submodule(sub)
             full = f"{adapter.blocks}.{b}.{sub}"
-            rec = random_record(lin.out_features, lin.in_features, wbits=cfg.wbits,
+            rec = QuantizedLayer.from_packed(random_packed(lin.out_features, lin.in_features, wbits=cfg.wbits,
                                 groupsize=cfg.group_size_for(lin.in_features), beta2=cfg.beta2,
                                 stat_bits=cfg.stat_bits, outlier_fraction=outlier_fraction if cfg.has_outliers else 0,
                                 act_order=cfg.perm == "act_order", seed=100 * b + i,
-                                outlier_rows="edge" if i == 0 else "random")
+                                outlier_rows="edge" if i == 0 else "random"))
             leader = records.get(f"{adapter.blocks}.{b}.{group_perm[sub]}")
             if leader is not None and leader.perm is not None:  # siblings share act-order, as in real runs
                 rec.perm = leader.perm.clone()
@@ -188,10 +182,15 @@ def test_inspect_sizes_match_disk(packed_dir: Path, quant_dir: Path) -> None:
 
 
 def test_formula_bits_matches_record() -> None:
+    """The record, its packed form and the formula written out by hand agree (one formula, three callers)."""
     for kw in (dict(wbits=3, stat_bits=3), dict(wbits=4, stat_bits=16, beta2=0, act_order=False)):
-        rec = random_record(48, 64, outlier_fraction=0.02, **kw)
-        meta = {**rec.meta(), "nnz": rec.nnz, "has_perm": rec.perm is not None}
-        assert formula_bits(meta) == pytest.approx(rec.formula_bits())
+        pw = random_packed(48, 64, outlier_fraction=0.02, **kw)
+        rec = QuantizedLayer.from_packed(pw)
+        stats = 32 / 16 if pw.stat_bits == 16 else 2 * 3 / 16 + 2 * 2 * 16 / (16 * 16)
+        by_hand = pw.wbits + stats + 32 * pw.nnz / (48 * 64) + (32 / 48 if "perm" in pw.tensors else 0)
+        assert rec.formula_bits() == pytest.approx(by_hand) == pw.formula_bits()
+        assert formula_bits(pw.wbits, pw.groupsize, pw.beta2, pw.stat_bits, 48, pw.nnz / (48 * 64),
+                            "perm" in pw.tensors) == pytest.approx(by_hand)
 
 
 def test_render_inspect_and_json(packed_dir: Path) -> None:

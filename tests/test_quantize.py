@@ -9,10 +9,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from spqr_cli import quantize as qmod
-from spqr_cli.config import QuantConfig, load_preset
-from spqr_cli.errors import SpQRError
-from spqr_cli.record import load_records
+from spqr_cli.core.config import QuantConfig, load_preset
+from spqr_cli.core.errors import SpQRError
+from spqr_cli.quant import driver as qmod
+from spqr_cli.quant.record import load_records
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 MODEL = SHARED / "models" / "docs-llama-3m"
@@ -59,10 +59,10 @@ def test_outputs_and_dense_checkpoint(spqr_run: tuple[Path, qmod.QuantReport]) -
 
 def test_resume_is_bit_identical(spqr_run: tuple[Path, qmod.QuantReport], tmp_path: Path,
                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    from spqr_cli import spqr
+    from spqr_cli.quant import driver
 
     out_full, _ = spqr_run
-    real = spqr.quantize_layer
+    real = driver.quantize_layer
     calls = {"n": 0}
 
     def dying(*args, **kwargs):  # simulates a kill in the middle of block 2
@@ -72,11 +72,11 @@ def test_resume_is_bit_identical(spqr_run: tuple[Path, qmod.QuantReport], tmp_pa
         return real(*args, **kwargs)
 
     out = tmp_path / "run"
-    monkeypatch.setattr(spqr, "quantize_layer", dying)
+    monkeypatch.setattr(driver, "quantize_layer", dying)
     with pytest.raises(KeyboardInterrupt):
         qmod.quantize_model(str(MODEL), load_preset("spqr-3.9bit"), out, _calib(), device="cpu")
     assert json.loads((out / "quant_config.json").read_text())["completed_blocks"] == 2
-    monkeypatch.setattr(spqr, "quantize_layer", real)
+    monkeypatch.setattr(driver, "quantize_layer", real)
     report = qmod.quantize_model(str(MODEL), load_preset("spqr-3.9bit"), out, _calib(), device="cpu")
     assert report.resumed_from_block == 2
     a, b = _all_tensors(out_full), _all_tensors(out)

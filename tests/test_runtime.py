@@ -12,13 +12,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import spqr_cli.runtime as runtime
-from spqr_cli.config import QuantConfig
-from spqr_cli.errors import SpQRError
-from spqr_cli.pack import CONFIG_NAME, file_sha256, inspect_packed, model_fingerprint, pack_model
-from spqr_cli.runtime import SpQRLinear, load_packed
-from spqr_cli.testing import random_record
+import spqr_kernels.ops as ops
+from spqr_cli.core.config import QuantConfig
+from spqr_cli.core.errors import SpQRError
+from spqr_cli.format.checkpoint import CONFIG_NAME, file_sha256, model_fingerprint
+from spqr_cli.format.inspect import inspect_packed
+from spqr_cli.format.pack import pack_model
+from spqr_cli.quant.record import QuantizedLayer
+from spqr_cli.runtime.linear import SpQRLinear
+from spqr_cli.runtime.loader import load_packed
+from spqr_kernels.decode import dequantize_fp16
 from spqr_kernels.layout import PackedWeight
+from spqr_kernels.synthetic import random_packed
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_pack import _rewrite_config, build_quant_dir, tiny_llama  # noqa: E402
@@ -37,7 +42,7 @@ def _tokens() -> torch.Tensor:
 
 
 def test_spqr_linear_matches_dequantized_matmul() -> None:
-    rec = random_record(48, 64, outlier_fraction=0.03, seed=5)
+    rec = QuantizedLayer.from_packed(random_packed(48, 64, outlier_fraction=0.03, seed=5))
     bias = torch.randn(48).half()
     layer = SpQRLinear(rec.pack(), bias)
     x = torch.randn(3, 5, 64)
@@ -53,7 +58,7 @@ def test_spqr_linear_matches_dequantized_matmul() -> None:
 
 
 def test_spqr_linear_holds_only_packed_bytes() -> None:
-    rec = random_record(256, 512, outlier_fraction=0.0)
+    rec = QuantizedLayer.from_packed(random_packed(256, 512, outlier_fraction=0.0))
     pw = rec.pack()
     layer = SpQRLinear(pw)
     held = sum(b.numel() * b.element_size() for b in layer.buffers())
@@ -138,13 +143,13 @@ def test_compiled_model_matches_eager(dirs, fuse: bool) -> None:
 def test_view_follows_buffers() -> None:
     """A cast or move rebuilds the layer's view (and the registry entry the compiled op finds); a no-op ``.to()``
     keeps it, so a CUDA graph recorded with its scratch stays valid; loading a state dict rebuilds it."""
-    layer = SpQRLinear(random_record(24, 32, outlier_fraction=0.05, seed=4).pack())
+    layer = SpQRLinear(random_packed(24, 32, outlier_fraction=0.05, seed=4))
     view = layer.packed
     layer.to("cpu")
     assert layer.packed is view
     layer.float()  # casts the fp16 buffers: a new view, registered under the (unchanged) code buffer
     assert layer.packed is not view
-    assert runtime._VIEWS[runtime._view_key(layer.qweight)] is layer.packed
+    assert ops._VIEWS[ops._view_key(layer.qweight)] is layer.packed
     changed = {k: v * 2 if k == "outlier_val" else v.clone() for k, v in layer.state_dict().items()}
     x = torch.randn(2, 32)
     before = layer(x)
@@ -157,17 +162,17 @@ def test_view_follows_buffers() -> None:
 
 def test_linear_op_with_unregistered_tensors() -> None:
     """Called with tensors no SpQRLinear owns (e.g. from another program), the op builds its own view."""
-    rec = random_record(40, 64, outlier_fraction=0.05, seed=2)
+    rec = QuantizedLayer.from_packed(random_packed(40, 64, outlier_fraction=0.05, seed=2))
     bias = torch.randn(40).half()
     layer = SpQRLinear(rec.pack(), bias)
     x = torch.randn(3, 64)
-    tensors = [None if t is None else t.clone() for t in (layer._buffers.get(n) for n in runtime.PACKED_TENSORS)]
-    meta = [getattr(layer, f) for f in runtime._META_FIELDS]
-    assert runtime._VIEWS.get(runtime._view_key(tensors[0])) is None
+    tensors = [None if t is None else t.clone() for t in (layer._buffers.get(n) for n in ops.PACKED_TENSORS)]
+    meta = [getattr(layer, f) for f in ops.META_FIELDS]
+    assert ops._VIEWS.get(ops._view_key(tensors[0])) is None
     assert torch.equal(torch.ops.spqr.linear(x, tensors, meta, bias), layer(x))
     # the layer's own buffers find its cached view
-    own = [layer._buffers.get(n) for n in runtime.PACKED_TENSORS]
-    assert runtime._VIEWS[runtime._view_key(own[0])] is layer.packed
+    own = [layer._buffers.get(n) for n in ops.PACKED_TENSORS]
+    assert ops._VIEWS[ops._view_key(own[0])] is layer.packed
     assert torch.equal(torch.ops.spqr.linear(x, own, meta, bias), layer(x))
 
 
@@ -194,13 +199,20 @@ def test_load_packed_rejects_damage(dirs, tmp_path: Path) -> None:
 
 
 def test_kernel_import_failure_falls_back_once(monkeypatch) -> None:
-    monkeypatch.setitem(sys.modules, "spqr_kernels.ops", None)  # makes the import raise ImportError
-    monkeypatch.setattr(runtime, "_kernel_warned", False)
-    pw = random_record(16, 32).pack()
+    """Triton that cannot be imported: one warning, then the torch path (same result as the CPU path)."""
+    import spqr_kernels
+
+    monkeypatch.setitem(sys.modules, "spqr_kernels.matvec", None)  # makes the import raise ImportError
+    monkeypatch.delattr(spqr_kernels, "matvec", raising=False)
+    monkeypatch.setattr(ops, "_kernel_modules", None)
+    monkeypatch.setattr(ops, "_kernels_failed", False)
+    monkeypatch.setattr(ops, "_use_triton", lambda device: True)
+    pw = random_packed(16, 32)
+    x = torch.randn(1, 32)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        assert runtime._kernel_linear(torch.zeros(1, 32), pw, None) is None
-        assert runtime._kernel_linear(torch.zeros(1, 32), pw, None) is None
+        assert ops._kernels() is None
+        assert torch.equal(ops.spqr_linear(x, pw), F.linear(x, dequantize_fp16(pw).float()))
     assert len(caught) == 1 and "torch path" in str(caught[0].message)
 
 

@@ -8,21 +8,23 @@ from pathlib import Path
 import pytest
 import torch
 
-from spqr_cli.config import QuantConfig
-from spqr_cli.pack import pack_model
-from spqr_cli.record import QuantizedLayer
-from spqr_cli.runtime import SpQRLinear, load_packed
-from spqr_cli.siblings import SiblingGroup, SiblingSlice, fuse_siblings
-from spqr_cli.testing import random_record
+from spqr_cli.core.config import QuantConfig
+from spqr_cli.format.pack import pack_model
+from spqr_cli.quant.record import QuantizedLayer
+from spqr_cli.runtime.linear import SpQRLinear
+from spqr_cli.runtime.loader import load_packed
+from spqr_cli.runtime.siblings import SiblingGroup, SiblingSlice, fuse_siblings
 from spqr_kernels.layout import concat_rows
 from spqr_kernels.reference import dequantize
+from spqr_kernels.synthetic import random_packed
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_pack import build_quant_dir, tiny_llama  # noqa: E402
 
 
 def _siblings(rows: tuple[int, ...], k: int = 64, **kw) -> list[QuantizedLayer]:
-    recs = [random_record(n, k, seed=i, outlier_fraction=0.05, **kw) for i, n in enumerate(rows)]
+    recs = [QuantizedLayer.from_packed(random_packed(n, k, seed=i, outlier_fraction=0.05, **kw))
+            for i, n in enumerate(rows)]
     for r in recs[1:]:
         r.perm = recs[0].perm
     return recs
@@ -46,11 +48,11 @@ def test_concat_rows_is_exact(rows, kw) -> None:
 
 def test_concat_rows_refuses_what_does_not_fuse() -> None:
     a, b = (r.pack() for r in _siblings((32, 32)))
-    other = random_record(32, 64, seed=9).pack()  # its own permutation
+    other = random_packed(32, 64, seed=9)  # its own permutation
     with pytest.raises(ValueError, match="permutations"):
         concat_rows([a, other])
     with pytest.raises(ValueError, match="layouts"):
-        concat_rows([a, random_record(32, 64, wbits=4, stat_bits=4, seed=1).pack()])
+        concat_rows([a, random_packed(32, 64, wbits=4, stat_bits=4, seed=1)])
     odd = _siblings((24, 32))  # 24 rows is not a whole number of 16-row second-level blocks
     with pytest.raises(ValueError, match="second-level"):
         concat_rows([r.pack() for r in odd])
@@ -127,7 +129,7 @@ def test_fused_model_matches_unfused(packed_dir: Path) -> None:
 def test_groups_that_do_not_fuse_stay_apart(packed_dir: Path) -> None:
     model = load_packed(packed_dir, dtype=torch.float32)
     mlp = model.model.layers[0].mlp
-    mlp.up_proj = SpQRLinear(random_record(mlp.up_proj.out_features, mlp.up_proj.in_features, seed=7).pack())
+    mlp.up_proj = SpQRLinear(random_packed(mlp.up_proj.out_features, mlp.up_proj.in_features, seed=7))
     assert fuse_siblings(model) == 2 * len(model.model.layers) - 1  # every q/k/v group, gate/up of layer 0 not
     assert isinstance(mlp.up_proj, SpQRLinear) and isinstance(mlp.gate_proj, SpQRLinear)
 

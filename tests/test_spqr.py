@@ -7,10 +7,11 @@ import math
 import pytest
 import torch
 
-from spqr_cli.config import QuantConfig
-from spqr_cli.errors import SpQRError
-from spqr_cli.record import QuantizedLayer
-from spqr_cli.spqr import HessianAccumulator, quantize_layer
+from spqr_cli.core.config import QuantConfig
+from spqr_cli.core.errors import SpQRError
+from spqr_cli.quant.hessian import HessianAccumulator
+from spqr_cli.quant.methods import quantize_layer
+from spqr_cli.quant.record import QuantizedLayer
 
 SPQR3 = QuantConfig(
     method="spqr",

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from spqr_cli.runtime import SpQRLinear
+from spqr_cli.runtime.linear import SpQRLinear
 from spqr_kernels.layout import concat_rows
 
 
@@ -79,7 +79,7 @@ def fuse_siblings(model: nn.Module, device: torch.device | None = None) -> int:
     With ``device``, each block is moved there just before it is fused (see ``fuse_block`` on memory); the rest
     of the model is the caller's to move.
     """
-    from spqr_cli.models import adapter_for
+    from spqr_cli.core.models import adapter_for
 
     adapter = adapter_for(model)
     fused = sum(fuse_block(block if device is None else block.to(device), adapter.sequential)

@@ -26,10 +26,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from spqr_cli.config import QuantConfig
-from spqr_cli.errors import SpQRError
-from spqr_cli.models import FamilyAdapter, adapter_for, load_model, load_tokenizer, resolve_device
-from spqr_cli.record import QuantizedLayer, load_records, save_records
+from spqr_cli.core.config import QuantConfig
+from spqr_cli.core.errors import SpQRError
+from spqr_cli.core.io import write_json
+from spqr_cli.core.models import FamilyAdapter, adapter_for, load_model, load_tokenizer, resolve_device
+from spqr_cli.quant.hessian import HessianAccumulator
+from spqr_cli.quant.methods import get_method, quantize_layer
+from spqr_cli.quant.record import QuantizedLayer, load_records, save_records
 
 FORMAT = "spqr-quant"
 VERSION = 1
@@ -90,12 +93,6 @@ def calibration_fingerprint(input_ids: torch.Tensor) -> str:
     return hashlib.sha256(input_ids.to(torch.int64).contiguous().numpy().tobytes()).hexdigest()
 
 
-def _write_json(path: Path, data: Any) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
-
-
 def _prepare_out_dir(out_dir: Path, state: dict[str, Any], restart: bool) -> int:
     """Create or validate the output directory; return the number of blocks already committed."""
     state_path = out_dir / "quant_config.json"
@@ -123,7 +120,7 @@ def _prepare_out_dir(out_dir: Path, state: dict[str, Any], restart: bool) -> int
                     )
             return int(old.get("completed_blocks", 0))
     (out_dir / "records").mkdir(parents=True, exist_ok=True)
-    _write_json(state_path, {**state, "completed_blocks": 0, "complete": False})
+    write_json({**state, "completed_blocks": 0, "complete": False}, state_path)
     return 0
 
 
@@ -193,8 +190,6 @@ def _run_block(block: nn.Module, inps: torch.Tensor, kwargs: dict[str, Any], dev
 def _collect_hessians(block: nn.Module, layers: dict[str, nn.Linear], inps: torch.Tensor, kwargs: dict[str, Any],
                       device: torch.device, dtype: torch.dtype, batch: int) -> dict[str, torch.Tensor]:
     """H = 2/n X X^T of each layer's inputs; the block's forward stops as soon as every layer has been fed."""
-    from spqr_cli.spqr import HessianAccumulator
-
     accs = {name: HessianAccumulator(lin.in_features, device=device) for name, lin in layers.items()}
     seen: set[str] = set()
 
@@ -304,9 +299,9 @@ def quantize_model(
             records = _quantize_block(block, prefix, adapter, inps, kwargs, cfg, dev, compute_dtype,
                                       forward_batch, report, lambda d, _i=i: notify("quantize", _i, len(blocks), d))
             rows = report.to_dict()["layers"][-len(records):]
-            _write_json(record_path.with_suffix(".json"), rows)
+            write_json(rows, record_path.with_suffix(".json"))
             save_records(str(record_path), records)
-            _write_json(out / "quant_config.json", {**state, "completed_blocks": i + 1, "complete": False})
+            write_json({**state, "completed_blocks": i + 1, "complete": False}, out / "quant_config.json")
             notify("quantize", i + 1, len(blocks), f"block {i} done")
         inps = _run_block(block, inps, kwargs, dev, compute_dtype, forward_batch)
         block.to(device="cpu", dtype=torch.float16)
@@ -319,8 +314,8 @@ def quantize_model(
     report.peak_host_mb = _peak_host_mb()
     if dev.type == "cuda":
         report.peak_device_mb = torch.cuda.max_memory_allocated(dev) / 2**20
-    _write_json(out / "report.json", {"config": cfg.to_dict(), **report.to_dict()})
-    _write_json(out / "quant_config.json", {**state, "completed_blocks": len(blocks), "complete": True})
+    write_json({"config": cfg.to_dict(), **report.to_dict()}, out / "report.json")
+    write_json({**state, "completed_blocks": len(blocks), "complete": True}, out / "quant_config.json")
     return report
 
 
@@ -328,12 +323,11 @@ def _quantize_block(block: nn.Module, prefix: str, adapter: FamilyAdapter, inps:
                     kwargs: dict[str, Any], cfg: QuantConfig, dev: torch.device, dtype: torch.dtype,
                     batch: int, report: QuantReport, notify: Callable[[str], None]) -> dict[str, QuantizedLayer]:
     """Quantize one block's linears group by group (true sequential); weights are replaced in place."""
-    from spqr_cli.spqr import quantize_layer
-
     records: dict[str, QuantizedLayer] = {}
+    method = get_method(cfg.method)
     for group in adapter.sequential:
         layers = {name: block.get_submodule(name) for name in group}
-        if cfg.method == "rtn":
+        if not method.needs_hessian:
             hessians = {name: None for name in group}
         else:
             hessians = _collect_hessians(block, layers, inps, kwargs, dev, dtype, batch)

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from spqr_cli.errors import SpQRError
+from spqr_cli.core.errors import SpQRError
 
 DTYPES = {"fp16": torch.float16, "float16": torch.float16, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
           "fp32": torch.float32, "float32": torch.float32}

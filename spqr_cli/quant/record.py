@@ -1,7 +1,8 @@
 """The quantizer's per-layer result (``QuantizedLayer``) and the one function that decodes it.
 
-This is the contract between the algorithm (``spqr.py``), the packer (``pack.py``) and the kernels: every dense
-weight the tool ever reports is produced by ``QuantizedLayer.dequantize``, so "unpack is bit-exact with the
+This is the contract between the methods (``quant/methods/``), the packer (``format/pack.py``) and the kernels:
+every dense weight the tool ever reports is produced by this decode (``QuantizedLayer.dequantize``, or
+``spqr_kernels.decode.dequantize_fp16`` from the packed buffers, tested equal), so "unpack is bit-exact with the
 quantizer" holds by construction.
 
 Decoding, for output row ``n`` and *permuted* column ``j`` (original column ``perm[j]``), group ``g = j // gs``:
@@ -15,11 +16,12 @@ Decoding, for output row ``n`` and *permuted* column ``j`` (original column ``pe
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 import torch
 
-from spqr_kernels.layout import PackedWeight, pack_rows, unpack_rows
+from spqr_kernels.layout import PackedWeight, formula_bits, pack_rows, unpack_rows
 
 RECORD_FIELDS = (
     "codes", "scale", "zero", "scale_codes", "zero_codes", "scale_stats", "zero_stats",
@@ -108,14 +110,9 @@ class QuantizedLayer:
         return w
 
     def formula_bits(self) -> float:
-        """Average bits per parameter by the formula (codes + stats + outliers at 32 bits + permutation)."""
-        gs = self.groupsize
-        if self.stat_bits == 16:
-            stats = 32.0 / gs
-        else:
-            stats = 2 * self.stat_bits / gs + 2 * 2 * 16 / (gs * self.beta2)
-        perm = 32.0 / self.out_features if self.perm is not None else 0.0
-        return self.wbits + stats + 32.0 * self.outlier_fraction + perm
+        """Average bits per parameter by the format's formula (``spqr_kernels.layout.formula_bits``)."""
+        return formula_bits(self.wbits, self.groupsize, self.beta2, self.stat_bits, self.out_features,
+                            self.outlier_fraction, self.perm is not None)
 
     def to_tensors(self, prefix: str = "") -> dict[str, torch.Tensor]:
         """Flat dict for safetensors (absent optional fields are skipped)."""
@@ -183,26 +180,19 @@ class QuantizedLayer:
 
 
 def save_records(path: str, records: dict[str, QuantizedLayer], extra_meta: dict[str, str] | None = None) -> None:
-    """Write layer records to one safetensors file atomically (temp file + rename); metadata holds the shapes."""
-    import json
-    import os
-
-    from safetensors.torch import save_file
+    """Write layer records to one safetensors file atomically; metadata holds the shapes."""
+    from spqr_cli.core.io import save_safetensors
 
     tensors: dict[str, torch.Tensor] = {}
     for name, rec in records.items():
         tensors.update(rec.to_tensors(prefix=f"{name}."))
     meta = {"layers": json.dumps({name: rec.meta() for name, rec in records.items()})}
     meta.update(extra_meta or {})
-    tmp = f"{path}.tmp"
-    save_file(tensors, tmp, metadata=meta)
-    os.replace(tmp, path)
+    save_safetensors(tensors, path, metadata=meta)
 
 
 def load_records(path: str) -> dict[str, QuantizedLayer]:
     """Read layer records written by ``save_records`` (safetensors only: no pickle)."""
-    import json
-
     from safetensors import safe_open
 
     with safe_open(path, framework="pt") as f:

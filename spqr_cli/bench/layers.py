@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterable, Sequence
 import torch
 import torch.nn.functional as F
 
-from spqr_kernels.layout import PackedWeight, pack_rows
+from spqr_kernels.synthetic import random_packed
 
 # (hidden, intermediate) of the LLaMA sizes; 3B is OpenLLaMA-3B (the LLaMA architecture at 3B, multi-head attention)
 LLAMA_DIMS = {"3B": (3200, 8640), "7B": (4096, 11008), "13B": (5120, 13824), "33B": (6656, 17920), "65B": (8192, 22016)}
@@ -30,48 +30,6 @@ def llama_shapes(models: Iterable[str] = ("3B", "7B", "13B", "33B", "65B"),
         if fused:
             out += [(f"{m} qkv fused", 3 * h, h), (f"{m} gate+up fused", 2 * i, h)]
     return out
-
-
-def random_packed(
-    n: int, k: int, wbits: int = 3, groupsize: int = 16, beta2: int = 16, stat_bits: int = 3,
-    outlier_fraction: float = 0.01, act_order: bool = True, device: str = "cuda", seed: int = 0,
-) -> PackedWeight:
-    """A well-formed random ``PackedWeight`` built directly on ``device`` (fast at 65B sizes; for speed only)."""
-    gen = torch.Generator(device=device).manual_seed(seed)
-    g = k // groupsize
-
-    def codes(rows: int, bits: int) -> torch.Tensor:
-        c = torch.randint(0, 2**bits, (n, rows), generator=gen, device=device, dtype=torch.int32)
-        return pack_rows(c, bits)
-
-    t: dict[str, torch.Tensor] = {"qweight": codes(k, wbits)}
-    mid = (2**wbits - 1) / 2
-    if stat_bits == 16:
-        t["scales"] = (0.01 + 0.01 * torch.rand(g, n, generator=gen, device=device)).half()
-        t["zeros"] = (mid + torch.randn(g, n, generator=gen, device=device)).half()
-    else:
-        nb = -(-n // beta2)
-        t["qscale"], t["qzero"] = codes(g, stat_bits), codes(g, stat_bits)
-        smax = 2**stat_bits - 1
-        t["scale_stats"] = torch.stack([0.002 + 0.002 * torch.rand(g, nb, generator=gen, device=device),
-                                        -2 - torch.rand(g, nb, generator=gen, device=device)]).half()
-        t["zero_stats"] = torch.stack([mid / smax * (1 + 0.1 * torch.rand(g, nb, generator=gen, device=device)),
-                                       torch.rand(g, nb, generator=gen, device=device) - 0.5]).half()
-    if act_order:
-        t["perm"] = torch.randperm(k, generator=gen, device=device).to(torch.int32)
-    counts = torch.distributions.Binomial(k, torch.full((n,), outlier_fraction, device=device)).sample().long()
-    rows = torch.repeat_interleave(torch.arange(n, device=device), counts)
-    cols = torch.randint(0, k, (rows.numel(),), generator=gen, device=device)
-    keys = torch.unique(rows * k + cols)  # distinct positions, sorted by row then column (CSR order)
-    rows, cols = keys // k, keys % k
-    nnz = int(keys.numel())
-    row_ptr = torch.zeros(n + 1, dtype=torch.int32, device=device)
-    row_ptr[1:] = torch.cumsum(torch.bincount(rows, minlength=n), 0)
-    t["outlier_row_ptr"] = row_ptr
-    t["outlier_col"] = cols.to(torch.int32).to(torch.int16)
-    t["outlier_val"] = (0.1 * torch.randn(nnz, generator=gen, device=device)).half()
-    return PackedWeight(out_features=n, in_features=k, wbits=wbits, groupsize=groupsize,
-                        beta2=beta2 if stat_bits != 16 else 0, stat_bits=stat_bits, tensors=t)
 
 
 def time_cuda(fn: Callable[[], object], warmup: int = 10, reps: int = 50) -> float:
@@ -124,7 +82,7 @@ def bench_layers(
     (vs fp32 on the same inputs), and ``peers``: ``{name: {ms, speedup, gbps, bits_per_param, rel_err}}`` for
     each peer that runs this batch as one call.
     """
-    from spqr_cli.bench_peers import build_peer, runs_batch
+    from spqr_cli.bench.peers import build_peer, runs_batch
     from spqr_kernels.ops import spqr_linear
     from spqr_kernels.reference import dequantize
 
@@ -192,11 +150,11 @@ def render_table(rows: Sequence[dict], title: str = "SpQR layer bench") -> objec
     return table
 
 
-def write_json(rows: Sequence[dict], path: str, extra: dict | None = None) -> None:
+def write_bench_json(rows: Sequence[dict], path: str, extra: dict | None = None) -> None:
     """Rows plus the environment (GPU, torch, triton versions) as JSON, written atomically."""
     import triton
 
-    from spqr_cli.evaluate import write_json as write_json_atomic
+    from spqr_cli.core.io import write_json as write_json_atomic
 
     env = {"gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
            "torch": torch.__version__, "triton": triton.__version__}

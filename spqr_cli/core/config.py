@@ -14,22 +14,22 @@ from typing import Any
 
 import yaml
 
+from spqr_cli.core.errors import ConfigError
+from spqr_cli.quant.methods import get_method, method_names
+
+__all__ = ["ConfigError", "QuantConfig", "build_config", "default_for_method", "list_presets", "load_preset"]
+
 
 def _config_dir() -> Path:
     """Where the presets live: ``spqr_cli/configs`` in a wheel (pyproject maps the top-level ``configs/`` there),
     the repository's top-level ``configs/`` in a source checkout or editable install."""
-    here = Path(__file__).resolve().parent
-    packaged = here / "configs"
-    return packaged if packaged.is_dir() else here.parent / "configs"
+    package = Path(__file__).resolve().parents[1]
+    packaged = package / "configs"
+    return packaged if packaged.is_dir() else package.parent / "configs"
 
 
 CONFIG_DIR = _config_dir()
-METHODS = ("spqr", "gptq", "rtn")
 PERMS = ("act_order", "identity")
-
-
-class ConfigError(ValueError):
-    """A user-facing configuration problem (bad flag, unknown preset)."""
 
 
 @dataclass(frozen=True)
@@ -55,8 +55,8 @@ class QuantConfig:
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise ConfigError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if self.method not in method_names():
+            raise ConfigError(f"unknown method {self.method!r}; choose one of {', '.join(method_names())}")
         if not 2 <= self.wbits <= 8:
             raise ConfigError(f"--wbits {self.wbits} is not supported; use 2..8 (3 or 4 are the usual choices)")
         if self.groupsize < 0 or (self.groupsize and self.groupsize % 8 and self.groupsize not in (1, 2, 4)):
@@ -76,21 +76,25 @@ class QuantConfig:
 
     @property
     def has_outliers(self) -> bool:
-        return self.method == "spqr" and math.isfinite(self.outlier_threshold)
+        """Whether this config keeps outliers: the method selects them and the threshold is finite."""
+        return get_method(self.method).outliers and math.isfinite(self.outlier_threshold)
+
+    @property
+    def has_perm(self) -> bool:
+        """Whether the quantized layers store a column permutation."""
+        return self.perm == "act_order" and get_method(self.method).permutes
 
     def group_size_for(self, in_features: int) -> int:
         """Columns per group for a layer with ``in_features`` inputs (per-channel when groupsize is 0)."""
         return in_features if self.groupsize == 0 else self.groupsize
 
     def formula_bits(self, in_features: int, out_features: int, outlier_fraction: float = 0.0) -> float:
-        """Average bits per parameter from the formula in DESIGN.md (codes + stats + outliers + permutation)."""
-        gs = self.group_size_for(in_features)
-        if self.stat_bits == 16:
-            stats = 32.0 / gs
-        else:
-            stats = 2 * self.stat_bits / gs + 2 * 2 * 16 / (gs * self.beta2)
-        perm = 32.0 / out_features if self.perm == "act_order" and self.method != "rtn" else 0.0
-        return self.wbits + stats + 32.0 * outlier_fraction + perm
+        """Average bits per parameter of an ``(out_features, in_features)`` layer by the format's formula
+        (``spqr_kernels.layout.formula_bits``)."""
+        from spqr_kernels.layout import formula_bits
+
+        return formula_bits(self.wbits, self.group_size_for(in_features), self.beta2, self.stat_bits, out_features,
+                            outlier_fraction, self.has_perm)
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -131,14 +135,12 @@ def load_preset(name_or_path: str) -> QuantConfig:
     return QuantConfig.from_dict(data)
 
 
-METHOD_DEFAULT_PRESET = {"spqr": "spqr-3.9bit", "gptq": "gptq-4bit-g128", "rtn": "rtn-4bit-g128"}
-
-
 def default_for_method(method: str, wbits: int | None = None) -> QuantConfig:
-    """Each method's default preset, so that ``--method gptq --wbits 3`` needs no other flag."""
-    if method not in METHOD_DEFAULT_PRESET:
-        raise ConfigError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
-    return load_preset(METHOD_DEFAULT_PRESET[method]).replace(wbits=wbits)
+    """Each method's default config (its ``default_preset`` or ``defaults``), so that ``--method gptq --wbits 3``
+    needs no other flag."""
+    spec = get_method(method)
+    cfg = load_preset(spec.default_preset) if spec.default_preset else QuantConfig(method=method, **spec.defaults)
+    return cfg.replace(wbits=wbits)
 
 
 def build_config(preset: str | None = None, method: str | None = None, **overrides: Any) -> QuantConfig:

@@ -16,7 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from spqr_cli.bench import LLAMA_DIMS, random_packed
+from spqr_cli.bench.layers import LLAMA_DIMS
+from spqr_kernels.synthetic import random_packed
 
 # (layers, heads) of OpenLLaMA-3B and LLaMA-7B, 13B, 33B, 65B; vocabulary 32000
 LLAMA_DEPTH = {"3B": (26, 32), "7B": (32, 32), "13B": (40, 40), "33B": (60, 52), "65B": (80, 64)}
@@ -43,9 +44,9 @@ def random_model(size: str, packed: bool, device: str = "cuda", seed: int = 0, f
     from accelerate import init_empty_weights
     from transformers import LlamaForCausalLM
 
-    from spqr_cli.models import adapter_for
-    from spqr_cli.runtime import SpQRLinear
-    from spqr_cli.siblings import fuse_block
+    from spqr_cli.core.models import adapter_for
+    from spqr_cli.runtime.linear import SpQRLinear
+    from spqr_cli.runtime.siblings import fuse_block
 
     config = llama_config(size)
     with init_empty_weights():

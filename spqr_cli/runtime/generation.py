@@ -4,8 +4,7 @@ Generation goes through transformers' ``generate`` so sampling, stopping and cac
 expect. On GPU the KV cache is static (fixed shapes) and, by default, transformers compiles the one-token step
 (``torch.compile``, mode ``reduce-overhead``: inductor fuses the norms, rotary and activations around the opaque
 ``spqr::linear`` op, and the step replays as one CUDA graph). Eager, a 7B-shaped packed model spends more time in
-Python launching ~230 kernels a token than on the GPU (13.9 tokens/s eager vs 215 compiled on an H100,
-``docs/benchmarks.md``).
+Python launching ~230 kernels a token than on the GPU (eager vs compiled tokens/s: ``docs/benchmarks.md``).
 Compiling costs a one-time warm-up, run before the timed generation and reported apart.
 """
 
@@ -21,8 +20,8 @@ from typing import Any
 
 import torch
 
-from spqr_cli.errors import SpQRError
-from spqr_cli.models import resolve_device
+from spqr_cli.core.errors import SpQRError
+from spqr_cli.core.models import resolve_device
 
 CACHE_STEP = 256  # static cache lengths are rounded up to a multiple of this (fewer distinct compiled shapes)
 
@@ -48,7 +47,7 @@ class GenerationResult:
 
 def load_for_generation(path: str | Path, device: str = "auto", verify: bool = True) -> tuple[Any, Any]:
     """A packed checkpoint (``spqr_config.json``) through ``load_packed``, otherwise a dense HF model."""
-    from spqr_cli.evaluate import load_any_model
+    from spqr_cli.runtime.loader import load_any_model
 
     return load_any_model(str(path), "fp16", device, verify=verify)
 

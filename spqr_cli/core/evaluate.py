@@ -1,34 +1,24 @@
-"""Perplexity with the GPTQ/SpQR protocol (see ``spqr_cli.data``).
+"""Perplexity with the GPTQ/SpQR protocol (see ``spqr_cli.core.data``).
 
 ``evaluate_perplexity`` takes an already-loaded model, so any module that maps input ids to logits
-(a dense HF model, a packed one) is measured the same way; ``load_any_model`` is the one place that turns a
-path (hub id, HF directory, quantization output, packed checkpoint) into such a model.
+(a dense HF model, a packed one) is measured the same way; ``runtime.loader.load_any_model`` is the one place
+that turns a path (hub id, HF directory, quantization output, packed checkpoint) into such a model.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from spqr_cli.data import test_windows
-from spqr_cli.errors import SpQRError
-from spqr_cli.models import (
-    load_config,
-    load_model,
-    load_tokenizer,
-    model_max_length,
-    resolve_device,
-    resolve_dtype,
-)
+from spqr_cli.core.data import test_windows
+from spqr_cli.core.errors import SpQRError
+from spqr_cli.core.models import load_config, model_max_length
 
 DEFAULT_SEQLEN = 2048
 
@@ -48,45 +38,6 @@ class PerplexityResult:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def model_kind(path: str) -> tuple[str, str]:
-    """What ``path`` holds and where its HF files are: ``("packed", path)`` for a ``spqr pack`` directory,
-    ``("quant", path/dense)`` for a ``spqr quantize`` output (its dequantized checkpoint), else ``("dense", path)``.
-    """
-    p = Path(path)
-    if (p / "spqr_config.json").is_file():
-        return "packed", path
-    if (p / "quant_config.json").is_file():
-        if not (p / "dense" / "config.json").is_file():
-            raise SpQRError(f"{path} is an unfinished quantization run (no dense/ checkpoint yet); "
-                            "re-run the same `spqr quantize` command to resume it")
-        return "quant", str(p / "dense")
-    return "dense", path
-
-
-def load_any_model(path: str, dtype: str = "fp16", device: str = "auto", verify: bool = True) -> tuple[nn.Module, Any]:
-    """Load the model and tokenizer at ``path`` for evaluation or generation.
-
-    ``path`` is a hub id, a local HF directory, a ``spqr quantize`` output directory (its ``dense/``
-    checkpoint) or a ``spqr pack`` directory (loaded with ``load_packed``; ``verify`` checks its tensors'
-    checksums). On CPU, fp16 weights are computed in fp32: the values are exactly the fp16 ones, but CPU fp16
-    matmuls are slow or missing. bf16 and fp32 run as asked.
-    """
-    dev = resolve_device(device)
-    kind, hf_path = model_kind(path)
-    tokenizer = load_tokenizer(hf_path)
-    if kind == "packed":
-        from spqr_cli.runtime import load_packed
-
-        torch_dtype = resolve_dtype(dtype)
-        if dev.type == "cpu" and torch_dtype == torch.float16:
-            torch_dtype = torch.float32
-        return load_packed(hf_path, device=dev, dtype=torch_dtype, verify=verify), tokenizer
-    model = load_model(hf_path, dtype=dtype, device="cpu")
-    if dev.type == "cpu" and next(model.parameters()).dtype == torch.float16:
-        model = model.float()
-    return model.to(dev), tokenizer
 
 
 def default_seqlen(model_or_config: Any, seqlen: int | None = None) -> int:
@@ -139,7 +90,7 @@ def evaluate_perplexity(model: nn.Module, tokenizer: Any, dataset: str, seqlen: 
     started = time.perf_counter()
     try:
         if progress:
-            from spqr_cli.progress import eta_progress
+            from spqr_cli.core.progress import eta_progress
 
             with eta_progress("[bold]eval[/] {task.description}", "windows") as bar:
                 task = bar.add_task(dataset, total=windows.shape[0])
@@ -161,24 +112,10 @@ def evaluate_path(path: str, dataset: str, dtype: str = "fp16", device: str = "a
                   progress: bool = False, verify: bool = True) -> PerplexityResult:
     """Load the model at ``path`` (see ``load_any_model``) and measure its perplexity (checks --seqlen before
     loading the weights)."""
+    from spqr_cli.runtime.loader import load_any_model, model_kind
+
     if seqlen is not None:
         default_seqlen(load_config(model_kind(path)[1]), seqlen)
     model, tokenizer = load_any_model(path, dtype, device, verify=verify)
     return evaluate_perplexity(model, tokenizer, dataset, seqlen=seqlen, max_windows=max_windows,
                                batch_size=batch_size, data_dir=data_dir, progress=progress)
-
-
-def write_json(data: dict[str, Any], path: str | os.PathLike) -> Path:
-    """Write ``data`` as JSON atomically (temporary file, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path

@@ -15,7 +15,7 @@ Where the text comes from, in order:
    ``SPQR_OFFLINE=1`` skips the hub altogether. Nothing here waits on network timeouts.
 4. Nothing found: a ``SpQRError`` that lists where it looked and how to provide the files.
 
-Protocol (DESIGN.md, as in GPTQ/SpQR): rows are joined with ``"\\n\\n"`` and tokenized once; the test text is
+Protocol (as in GPTQ/SpQR): rows are joined with ``"\\n\\n"`` and tokenized once; the test text is
 cut into non-overlapping windows of ``seqlen`` tokens (the remainder at the end is dropped); calibration draws
 ``nsamples`` windows of ``seqlen`` tokens at random start positions from a seeded ``torch.Generator``.
 """
@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from spqr_cli.errors import SpQRError
+from spqr_cli.core.errors import SpQRError
 
 SPLITS = ("test", "calib")
 JOINER = "\n\n"

@@ -48,7 +48,7 @@ class Peer:
 
 def parse_peers(spec: str) -> list[str]:
     """``"spqr-quant,gemlite"`` -> names, rejecting unknown ones with a message that lists the choices."""
-    from spqr_cli.errors import SpQRError
+    from spqr_cli.core.errors import SpQRError
 
     names = list(dict.fromkeys(p.strip().lower() for p in spec.split(",") if p.strip()))
     unknown = [p for p in names if p not in PEERS]
@@ -60,7 +60,7 @@ def parse_peers(spec: str) -> list[str]:
 def _missing(package: str, err: Exception, hint: str = "") -> Exception:
     """The one-line error for a peer that cannot be imported: not installed, or installed but failing to load
     (``hint``: what loading it needs)."""
-    from spqr_cli.errors import SpQRError
+    from spqr_cli.core.errors import SpQRError
 
     if isinstance(err, ModuleNotFoundError):
         return SpQRError(f"--peers {package} needs the {package!r} package on this GPU machine; install it with "
@@ -83,7 +83,7 @@ def spqr_quant_peer(pw: PackedWeight, seed: int = 0) -> Peer:
     except Exception as err:  # ImportError, or the nvcc build failing inside its import
         raise _missing("spqr-quant", err, "it builds with nvcc on import and needs the CUDA toolkit that matches "
                                           "torch; ") from err
-    from spqr_cli.errors import SpQRError
+    from spqr_cli.core.errors import SpQRError
 
     m, n, beta = pw.out_features, pw.in_features, 16
     if m % beta or n % beta:

@@ -17,8 +17,8 @@ from typing import Any
 import torch
 
 from spqr_cli import __version__
-from spqr_cli.data import ids_sha256, load_text, sample_windows, tokenize, tokenizer_fingerprint
-from spqr_cli.errors import SpQRError
+from spqr_cli.core.data import ids_sha256, load_text, sample_windows, tokenize, tokenizer_fingerprint
+from spqr_cli.core.errors import SpQRError
 
 FORMAT = "spqr-calibration/1"
 _INT_KEYS = ("nsamples", "seqlen", "seed")

@@ -1,0 +1,1 @@
+"""Speed benchmarks (needs CUDA): layers vs fp16 and peers, whole models end to end."""

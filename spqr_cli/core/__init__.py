@@ -1,0 +1,1 @@
+"""Shared by every stage: config, errors, models, data, calibration, evaluation, file I/O, progress bars."""

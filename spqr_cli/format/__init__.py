@@ -1,0 +1,1 @@
+"""The packed checkpoint on disk: the spec and strict reader, pack/unpack, inspect."""

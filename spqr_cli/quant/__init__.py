@@ -1,0 +1,1 @@
+"""Quantization: the block-by-block driver, Hessians, the shared grid, the methods registry, layer records."""

@@ -1,0 +1,181 @@
+"""SpQR, the per-layer algorithm (GPTQ's second-order column loop with bilevel statistics and outliers).
+
+For one linear layer ``W`` (``N = out_features`` rows, ``K = in_features`` columns) and calibration inputs ``X``:
+
+1. ``H = 2/n · Σ x xᵀ`` in fp32 (``quant.hessian.HessianAccumulator``).
+2. Act-order permutation (columns by descending ``diag H``) or identity.
+3. Dead columns (``diag H == 0``: the input is always zero) get zero weights; damping
+   ``H += percdamp · mean(diag H) · I``; their diagonal is then set to 1.
+4. ``U = upper Cholesky factor of H⁻¹``: quantizing column ``i`` with error ``e`` is compensated by
+   ``W[:, i+1:] -= (e / U[i, i]) ⊗ U[i, i+1:]`` (the OBS update in GPTQ's form), applied inside blocks of
+   ``blocksize`` columns and to the columns after a block with one matmul.
+5. At the start of every group of ``β1`` columns the group's *current* (error-updated) weights get per-row min/max
+   statistics (scale, zero) at ``wbits``.  SpQR quantizes these statistics again, to ``stat_bits`` in groups of
+   ``β2`` rows, with an fp16 (scale, zero) pair per row group; GPTQ and RTN keep them in fp16.
+6. SpQR outliers, with ``threshold = τ · mean_j(var(W[:, j]) / U[j, j]²)``:
+   - before fitting a group's statistics, every weight whose removal from its row's group lowers the row's
+     Hessian-weighted error ``Σ_j ((w_j - q(w_j)) / U[j, j])²`` by more than ``threshold`` (leave-one-out) is
+     set aside, and the statistics are fitted on the remaining weights;
+   - when a column is quantized, a weight whose own Hessian-weighted error ``((w - q(w)) / U[i, i])²`` exceeds
+     ``threshold`` becomes an outlier: it is kept in fp16, its error (only the fp16 rounding) is propagated.
+7. Codes, statistics, outliers (CSR, original column order) and the permutation form a :class:`QuantizedLayer`.
+
+Every value the loop writes back into ``W`` (and so every error it propagates) is exactly what
+``QuantizedLayer.dequantize`` decodes from the stored tensors: the statistics are rounded to their stored form
+(fp16, or codes plus fp16 second-level pairs) before use, and a dequantized weight is rounded to fp16 once.
+
+GPTQ (``methods/gptq.py``) is this loop without outliers and with GPTQ's grid (the range always holds 0);
+the shared grid (min/max fits, bilevel statistics) is ``quant/grid.py``; the Hessian is ``quant/hessian.py``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from spqr_cli.core.config import QuantConfig
+from spqr_cli.core.errors import SpQRError
+from spqr_cli.quant.grid import GroupStats, make_record, minmax_params, quantize_codes
+from spqr_cli.quant.methods import QuantMethod
+from spqr_cli.quant.record import QuantizedLayer
+
+# --------------------------------------------------------------------------------------------------------------
+# outliers
+
+
+def _loo_error_reduction(w: torch.Tensor, d: torch.Tensor, maxq: int, sym: bool) -> torch.Tensor:
+    """For each weight of ``w`` ``[N, gs]``: how much the row's Hessian-weighted squared quantization error
+    ``Σ_j ((w_j - q(w_j)) / d_j)²`` drops if that weight is left out (not quantized) and the row's min/max
+    quantizer is refitted on the others.  Same quantity as the reference's ``get_leave_one_out_error``.
+
+    Leaving a weight out changes the fit only when it is the row's minimum or maximum, so three fits per row
+    (all weights; without the argmin; without the argmax) give every leave-one-out error in O(N * gs).
+    """
+    n, gs = w.shape
+    inv_d2 = d.reshape(1, gs).reciprocal().square()
+
+    def sq_errors(xmin: torch.Tensor, xmax: torch.Tensor) -> torch.Tensor:
+        s, z = minmax_params(xmin, xmax, maxq, sym=sym, round_zero=False)
+        s, z = s[:, None], z[:, None]
+        return (s * (quantize_codes(w, s, z, maxq) - z) - w).square() * inv_d2  # fp32, as in the reference
+
+    err_all = sq_errors(w.amin(1), w.amax(1))
+    if gs < 2:
+        return err_all  # nothing left to fit: leaving the weight out removes its whole error
+    lows, arg_lo = w.topk(2, dim=1, largest=False)
+    highs, arg_hi = w.topk(2, dim=1, largest=True)
+    err_no_lo = sq_errors(lows[:, 1], highs[:, 0])
+    err_no_hi = sq_errors(lows[:, 0], highs[:, 1])
+    loo = err_all.sum(1, keepdim=True) - err_all  # refit unchanged
+    rows = torch.arange(n, device=w.device)
+    loo[rows, arg_lo[:, 0]] = err_no_lo.sum(1) - err_no_lo[rows, arg_lo[:, 0]]
+    loo[rows, arg_hi[:, 0]] = err_no_hi.sum(1) - err_no_hi[rows, arg_hi[:, 0]]
+    return err_all.sum(1, keepdim=True) - loo
+
+
+def _without_outliers(w: torch.Tensor, outlier: torch.Tensor) -> torch.Tensor:
+    """``w`` with the likely outliers replaced by their row's mean over the other weights (they then do not
+    widen the min/max range)."""
+    keep = (~outlier).float()
+    mean = (w * keep).sum(1, keepdim=True) / keep.sum(1, keepdim=True).clamp_min(1)
+    return torch.where(outlier, mean, w)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# the layer
+
+
+def _inverse_cholesky(h: torch.Tensor, percdamp: float) -> torch.Tensor:
+    """Damp ``h`` (dead diagonal already 0) in place and return the upper Cholesky factor of its inverse."""
+    dead = torch.diag(h) == 0
+    idx = torch.arange(h.shape[0], device=h.device)
+    h[idx, idx] += percdamp * torch.diag(h).abs().mean()
+    h[idx[dead], idx[dead]] = 1.0
+    lower, info = torch.linalg.cholesky_ex(h)
+    if info.item() == 0:
+        u, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(lower), upper=True)
+    if info.item() != 0:
+        raise SpQRError(
+            f"the damped Hessian is not positive definite (percdamp {percdamp}); "
+            "raise --percdamp or use more calibration data"
+        )
+    return u
+
+
+def quantize_obs(weight: torch.Tensor, hessian: torch.Tensor, cfg: QuantConfig, *, outliers: bool,
+                 holds_zero: bool) -> QuantizedLayer:
+    """Quantize one layer's ``weight`` ``[N, K]`` column by column with error feedback through ``hessian``.
+
+    ``outliers``: select fp16 outliers with ``cfg.outlier_threshold`` (SpQR; off for GPTQ). ``holds_zero``: the
+    grid of ``grid.GroupStats``. The work runs on ``weight.device`` in fp32; the result's tensors are on the CPU.
+    """
+    n, k = weight.shape
+    gs = cfg.group_size_for(k)
+    dev = weight.device
+    w = weight.detach().to(dtype=torch.float32, copy=True)
+    codes = torch.empty(n, k, dtype=torch.uint8, device=dev)  # permuted column order
+    groups: list[GroupStats] = []
+
+    h = hessian.detach().to(device=dev, dtype=torch.float32, copy=True)
+    perm = None
+    if cfg.perm == "act_order":
+        perm = torch.argsort(torch.diag(h), descending=True, stable=True)
+        w, h = w[:, perm], h[perm][:, perm]
+    dead = torch.diag(h) == 0
+    w[:, dead] = 0
+    u = _inverse_cholesky(h, cfg.percdamp)
+    del h
+    d = torch.diag(u).clone()
+
+    use_outliers = outliers and math.isfinite(cfg.outlier_threshold)
+    threshold = math.inf
+    if use_outliers:
+        col_var = w.var(dim=0, correction=1 if n > 1 else 0)
+        threshold = cfg.outlier_threshold * (col_var / d.square()).mean().item()
+        outlier = torch.zeros(n, k, dtype=torch.bool, device=dev)
+        outlier_val = torch.zeros(n, k, dtype=torch.float16, device=dev)
+
+    err = torch.empty(n, cfg.blocksize, dtype=torch.float32, device=dev)  # (w - q) / U[i, i] of this block
+    stats: GroupStats | None = None
+    for b0 in range(0, k, cfg.blocksize):
+        b1 = min(b0 + cfg.blocksize, k)
+        for i in range(b0, b1):
+            e = err[:, i - b0]
+            if i % gs == 0:
+                group = w[:, i : i + gs]
+                if use_outliers:
+                    likely = _loo_error_reduction(group, d[i : i + gs], 2**cfg.wbits - 1, cfg.sym) > threshold
+                    group = _without_outliers(group, likely)
+                stats = GroupStats(group, cfg, holds_zero)
+                groups.append(stats)
+            col = w[:, i]
+            q = stats.quantize(col)
+            deq = stats.decode(q)
+            if use_outliers:
+                is_out = ((col - deq) / d[i]).square() > threshold
+                kept = col.to(torch.float16)
+                deq = torch.where(is_out, kept.float(), deq)
+                q = torch.where(is_out, stats.code_of_zero, q)  # a valid code; dequantize() overwrites it
+                outlier[:, i] = is_out
+                outlier_val[:, i] = torch.where(is_out, kept, 0)
+            codes[:, i] = q
+            torch.div(col - deq, d[i], out=e)
+            w[:, i] = deq
+            w[:, i + 1 : b1].addr_(e, u[i, i + 1 : b1], alpha=-1)
+        w[:, b1:].addmm_(err[:, : b1 - b0], u[b0:b1, b1:], alpha=-1)
+
+    if not use_outliers:
+        return make_record(cfg, n, k, gs, codes, groups, perm, None, None)
+    return make_record(cfg, n, k, gs, codes, groups, perm, outlier, outlier_val)
+
+
+METHOD = QuantMethod(
+    name="spqr",
+    summary="SpQR: GPTQ column updates, 3-bit bilevel group statistics, fp16 outliers",
+    quantize=lambda weight, hessian, cfg: quantize_obs(weight, hessian, cfg, outliers=True, holds_zero=False),
+    needs_hessian=True,
+    permutes=True,
+    outliers=True,
+    default_preset="spqr-3.9bit",
+)

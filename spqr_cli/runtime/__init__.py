@@ -1,0 +1,1 @@
+"""Running packed models: SpQRLinear, loading, sibling fusion, generation."""
