@@ -48,6 +48,17 @@ def test_table_shows_peers_side_by_side():
     assert "0.50x" in lines[1] and lines[1].count(" - ") == 2  # spqr-quant runs batch 1 only
 
 
+def test_table_shows_eager_columns():
+    eager = {"fp16_eager_ms": 0.03, "spqr_eager_ms": 0.12, "eager_speedup": 0.25, "fp16_host_us": 18.0,
+             "spqr_host_us": 95.0}
+    console = Console(record=True, width=250)
+    console.print(render_table([{**_row(1, {}), **eager}, _row(16, {})]))
+    text = console.export_text()
+    assert "eager speedup" in text and "host us fp16/spqr" in text
+    lines = [line for line in text.splitlines() if "7B qkvo" in line]
+    assert "0.25x" in lines[0] and "18/95" in lines[0] and lines[1].count(" - ") == 4
+
+
 def test_table_without_peers_has_no_peer_columns():
     console = Console(record=True, width=250)
     console.print(render_table([_row(1, {})]))

@@ -69,6 +69,29 @@ def time_cuda(fn: Callable[[], object], warmup: int = 10, reps: int = 50) -> flo
     return max(graph_ms(True) - graph_ms(False), 0.0) / reps
 
 
+def time_eager(fn: Callable[[], object]) -> tuple[float, float]:
+    """``(ms, host_us)`` of ``fn`` run eagerly, as plain user code runs it (no CUDA graph).
+
+    ``ms``: median time per call with Triton's ``do_bench`` (L2 cleared before each call), launch overhead
+    included. ``host_us``: CPU time to issue one call, from 100 back-to-back calls after a synchronize (the GPU
+    queue absorbs them, so this is the Python + launch cost alone; when it exceeds the GPU time, the layer is
+    host-bound in eager mode).
+    """
+    import time
+
+    import triton.testing
+
+    ms = triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+    calls = 100
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    host_us = (time.perf_counter() - t0) / calls * 1e6
+    torch.cuda.synchronize()
+    return ms, host_us
+
+
 def bench_layers(
     shapes: Sequence[tuple[str, int, int]] | None = None,
     batches: Sequence[int] = (1, 4, 16, 256),
@@ -77,12 +100,15 @@ def bench_layers(
 ) -> list[dict]:
     """Time fp16 cuBLAS and ``spqr_linear`` (and the ``peers``, see ``bench_peers``) per shape and batch.
 
-    One dict per (shape, batch). Keys: name, N, K, batch, fp16_ms, spqr_ms, speedup, fp16_gbps (fp16 weight
-    bytes / time), spqr_gbps (packed bytes / time), packed_mb, bits_per_param (packed bytes * 8 / N*K), rel_err
-    (vs fp32 on the same inputs), and ``peers``: ``{name: {ms, speedup, gbps, bits_per_param, rel_err}}`` for
-    each peer that runs this batch as one call.
+    One dict per (shape, batch). Keys: name, N, K, batch, fp16_ms, spqr_ms, speedup (CUDA-graph GPU time),
+    fp16_gbps (fp16 weight bytes / time), spqr_gbps (packed bytes / time), packed_mb, bits_per_param (packed
+    bytes * 8 / N*K), rel_err (vs fp32 on the same inputs), the eager columns of ``time_eager`` (fp16 ``F.linear``
+    vs an ``SpQRLinear`` module, the path plain ``model.generate`` takes): fp16_eager_ms, spqr_eager_ms,
+    eager_speedup, fp16_host_us, spqr_host_us; and ``peers``: ``{name: {ms, speedup, gbps, bits_per_param,
+    rel_err}}`` for each peer that runs this batch as one call.
     """
     from spqr_cli.bench.peers import build_peer, runs_batch
+    from spqr_cli.runtime.linear import SpQRLinear
     from spqr_kernels.ops import spqr_linear
     from spqr_kernels.reference import dequantize
 
@@ -94,6 +120,7 @@ def bench_layers(
         w16 = dequantize(pw).to(dtype)
         packed = pw.nbytes()
         built = [build_peer(p, pw) for p in peers if any(runs_batch(p, b) for b in batches)]
+        layer = SpQRLinear(pw)
         for b in batches:
             x = torch.randn(b, k, device="cuda", dtype=dtype)
             t16 = _resolved(time_cuda(lambda x=x, w=w16: F.linear(x, w), warmup, reps))
@@ -103,6 +130,10 @@ def bench_layers(
                 "fp16_gbps": n * k * 2 / t16 / 1e6, "spqr_gbps": packed / tq / 1e6, "packed_mb": packed / 1e6,
                 "bits_per_param": packed * 8 / (n * k), "rel_err": _rel_err(spqr_linear(x, pw), x, w16), "peers": {},
             }
+            e16, h16 = time_eager(lambda x=x, w=w16: F.linear(x, w))
+            eq, hq = time_eager(lambda x=x, m=layer: m(x))
+            row.update(fp16_eager_ms=e16, spqr_eager_ms=eq, eager_speedup=e16 / eq, fp16_host_us=h16,
+                       spqr_host_us=hq)
             for peer in built:
                 if not runs_batch(peer.name, b):
                     continue
@@ -111,7 +142,7 @@ def bench_layers(
                                            "bits_per_param": peer.nbytes * 8 / (n * k),
                                            "rel_err": _rel_err(peer.fn(x), x, peer.dense)}
             rows.append(row)
-        del w16, pw, built
+        del w16, pw, built, layer
         torch.cuda.empty_cache()
     return rows
 
@@ -134,7 +165,11 @@ def render_table(rows: Sequence[dict], title: str = "SpQR layer bench") -> objec
 
     table = Table(title=title)
     peers = list(dict.fromkeys(p for r in rows for p in r.get("peers", {})))
-    for col in ("layer", "N x K", "batch", "fp16 ms", "spqr ms", "speedup", "fp16 GB/s", "spqr GB/s", "bits", "err"):
+    eager = any("spqr_eager_ms" in r for r in rows)
+    cols = ["layer", "N x K", "batch", "fp16 ms", "spqr ms", "speedup", "fp16 GB/s", "spqr GB/s", "bits", "err"]
+    if eager:
+        cols += ["eager fp16 ms", "eager spqr ms", "eager speedup", "host us fp16/spqr"]
+    for col in cols:
         table.add_column(col, justify="right")
     for p in peers:
         table.add_column(f"{p} ms", justify="right")
@@ -143,6 +178,9 @@ def render_table(rows: Sequence[dict], title: str = "SpQR layer bench") -> objec
         cells = [r["name"], f"{r['N']}x{r['K']}", str(r["batch"]), f"{r['fp16_ms']:.4f}", f"{r['spqr_ms']:.4f}",
                  f"{r['speedup']:.2f}x", f"{r['fp16_gbps']:.0f}", f"{r['spqr_gbps']:.0f}",
                  f"{r['bits_per_param']:.2f}", f"{r['rel_err']:.1e}"]
+        if eager:
+            cells += [f"{r['fp16_eager_ms']:.4f}", f"{r['spqr_eager_ms']:.4f}", f"{r['eager_speedup']:.2f}x",
+                      f"{r['fp16_host_us']:.0f}/{r['spqr_host_us']:.0f}"] if "spqr_eager_ms" in r else ["-"] * 4
         for p in peers:
             got = r.get("peers", {}).get(p)
             cells += [f"{got['ms']:.4f}", f"{got['speedup']:.2f}x"] if got else ["-", "-"]
