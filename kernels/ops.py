@@ -7,7 +7,8 @@ Dispatch, by device, token count and layer config:
   (``matvec.py``), more to dequantize-to-fp16 + cuBLAS (``dequantize.py``). The kernels take fp16/bf16; other
   float inputs are cast to fp16 and the result back.
 - Everything else (CPU, other group sizes, or Triton that cannot be imported, after one warning): the torch path
-  ``decode.linear_torch``, bit-exact with the record's decoder.
+  ``decode.linear_torch``, bit-exact with the record's decoder. On CPU it decodes each layer once and keeps the
+  dense weight while the layer's view lives (``decode.cpu_weight``, within ``$SPQR_CPU_CACHE_GB``).
 
 ``packed_view`` builds the ``PackedWeight`` a module hands in (its buffers, fp16 floating fields) and remembers it
 by its code buffer, so that the custom op ``torch.ops.spqr.linear`` (what ``torch.compile`` sees in place of a

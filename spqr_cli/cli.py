@@ -8,22 +8,85 @@ Every command body runs inside ``user_errors()``, which turns ``SpQRError``/``Co
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import sys
+import warnings
 from collections.abc import Iterator
 from enum import Enum
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
+from typer.core import TyperGroup
 
 from spqr_cli import __version__
 from spqr_cli.console import config_line, console
 from spqr_cli.quant.methods import method_names
 
+# typer's usage errors (a bad flag value, a missing option) derive from this class, whichever click it uses
+_UsageError = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageError")
+
+
+class _SpQRGroup(TyperGroup):
+    """The ``spqr`` command group, with two changes to typer's defaults.
+
+    - Usage errors (bad or missing options) print one ``error: ...`` line and exit with code 2, like every other
+      user error, instead of a usage line and a boxed panel.
+    - Help shows flags as plain flags (typer prints a ``<bool>`` type after ``--restart``, as if it took a value),
+      ranged numbers as ``<int>`` (the range is printed beside them) and arguments by their upper-case name.
+    """
+
+    def make_context(self, *args: Any, **kwargs: Any) -> Any:
+        with _one_line_usage_errors():
+            return super().make_context(*args, **kwargs)
+
+    def invoke(self, ctx: Any) -> Any:
+        with _one_line_usage_errors():
+            return super().invoke(ctx)
+
+    def get_params(self, ctx: Any) -> list[Any]:
+        return _tidy_params(super().get_params(ctx))
+
+    def get_command(self, ctx: Any, cmd_name: str) -> Any:
+        cmd = super().get_command(ctx, cmd_name)
+        if cmd is not None:
+            _tidy_params([*cmd.params, cmd.get_help_option(ctx)])
+        return cmd
+
+
+@contextlib.contextmanager
+def _one_line_usage_errors() -> Iterator[None]:
+    try:
+        yield
+    except _UsageError as e:
+        if type(e).__name__ == "NoArgsIsHelpError":  # `spqr` alone: typer prints the help
+            raise
+        ctx = getattr(e, "ctx", None)
+        hint = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
+        error(e.format_message().rstrip(".") + hint)
+        raise typer.Exit(EXIT_USER_ERROR) from None
+
+
+def _tidy_params(params: list[Any]) -> list[Any]:
+    """Set the help metavars described in ``_SpQRGroup`` on ``params`` (in place; explicit metavars are kept)."""
+    for p in params:
+        if p is None or p.metavar is not None:
+            continue
+        ranged = getattr(p, "type_descriptor", None)  # typer >= 0.2x; older ones print click's metavars
+        if getattr(p, "is_flag", False):
+            p.metavar = ""
+        elif getattr(ranged, "is_ranged", False):
+            p.metavar = f"<{ranged.ranged_type_name}>"
+        elif p.param_type_name == "argument":
+            p.metavar = p.name.upper()
+    return params
+
+
 app = typer.Typer(
     name="spqr",
     help="SpQR: compress LLM weights to ~3-4 bits (sparse-quantized representation), pack, evaluate and run them.",
+    cls=_SpQRGroup,
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_show_locals=False,
@@ -68,6 +131,89 @@ def user_errors() -> Iterator[None]:
         raise typer.Exit(130) from None
 
 
+# ----------------------------------------------------------------------------------------------- early checks
+# Commands check their local paths here, before importing torch/transformers (5-30 s), so a typo fails at once.
+# They only read the file system; they raise SpQRError, so call them inside user_errors().
+
+def looks_local(ref: str) -> bool:
+    """Whether a MODEL argument names a local path rather than a hub id.
+
+    Local: it exists, starts with '.', '/' or '~', or has more than one '/'. Anything else (a hub id is exactly
+    ``org/name``, e.g. ``meta-llama/Llama-2-7b-hf``) is left to the hub, which says itself if it is unknown.
+    """
+    return Path(ref).expanduser().exists() or ref.startswith((".", "/", "~")) or ref.count("/") > 1
+
+
+def check_model_arg(ref: str) -> None:
+    """A MODEL argument that looks local (``looks_local``) must be an existing directory."""
+    from spqr_cli.core.errors import SpQRError
+
+    if not looks_local(ref):
+        return
+    path = Path(ref).expanduser()
+    if not path.exists():
+        raise SpQRError(f"model path {ref!r} does not exist; pass a model directory (a local path) or a hub id "
+                        "such as org/name")
+    if not path.is_dir():
+        raise SpQRError(f"model path {ref!r} is a file; pass the model's directory (the one with config.json)")
+
+
+def check_input_dir(path: Path, what: str, make_it: str) -> None:
+    """``path`` must be an existing directory (``what`` it should be, and the command that ``make_it``s)."""
+    from spqr_cli.core.errors import SpQRError
+
+    if not path.exists():
+        raise SpQRError(f"{what} {str(path)!r} does not exist; {make_it}")
+    if not path.is_dir():
+        raise SpQRError(f"{what} {str(path)!r} is a file, not a directory; {make_it}")
+
+
+def check_dataset_arg(dataset: str, data_dir: Path | None = None) -> None:
+    """A ``file:PATH`` dataset must be an existing file; an explicit --data-dir an existing directory."""
+    from spqr_cli.core.errors import SpQRError
+
+    if dataset.startswith("file:"):
+        path = Path(dataset[5:]).expanduser()
+        if not path.is_file():
+            why = "is a directory" if path.is_dir() else "not found"
+            raise SpQRError(f"data file {str(path)!r} {why} (from --dataset {dataset}); pass file:PATH of a text "
+                            "file, one row per line")
+    if data_dir is not None and not data_dir.expanduser().is_dir():
+        raise SpQRError(f"--data-dir {str(data_dir)!r} is not a directory; pass the directory that holds the "
+                        "dataset copies (e.g. DIR/wikitext2/wiki.test.raw)")
+
+
+def check_output_file(path: Path | None, flag: str, dash_is_stdout: bool = False) -> None:
+    """Refuse an output file that could not be written, before the work that produces it (an eval may take
+    hours): ``path`` must not be a directory, and its nearest existing parent must be a writable directory
+    (missing directories below it are created when writing)."""
+    from spqr_cli.core.errors import SpQRError
+
+    if path is None or (dash_is_stdout and str(path) == "-"):
+        return
+    path = path.expanduser()
+    if path.is_dir():
+        raise SpQRError(f"{flag} {str(path)!r} is a directory; give a file path, e.g. {path / 'result.json'}")
+    parent = path.absolute().parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise SpQRError(f"{flag} {str(path)!r} cannot be written: {parent} is a file, not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise SpQRError(f"{flag} {str(path)!r} cannot be written: no permission to write in {parent}")
+
+
+def write_output_json(data: Any, path: Path, flag: str) -> None:
+    """``core.io.write_json`` with file-system errors (a full disk, a directory that vanished) as user errors."""
+    from spqr_cli.core.errors import SpQRError
+    from spqr_cli.core.io import write_json
+
+    try:
+        write_json(data, path)
+    except OSError as e:
+        raise SpQRError(f"cannot write {flag} {str(path)!r}: {e.strerror or e}; the result was not saved") from None
+
+
 def version_callback(value: bool) -> None:
     if value:
         typer.echo(f"spqr {__version__}")
@@ -88,6 +234,26 @@ def _root(
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        warnings.showwarning = _show_warning
+
+
+@functools.cache
+def _our_package_dirs() -> tuple[str, ...]:
+    """Where spqr_cli and spqr_kernels live (found without importing spqr_kernels, which imports torch)."""
+    import importlib.util
+
+    specs = (importlib.util.find_spec(name) for name in ("spqr_cli", "spqr_kernels"))
+    return tuple(str(Path(d).resolve()) for spec in specs if spec for d in spec.submodule_search_locations or ())
+
+
+def _show_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                  file: Any = None, line: str | None = None) -> None:
+    """Our own warnings (e.g. the CPU weight cache is full) as one ``warning: ...`` line on stderr: they are
+    advice to the user, not a source location. Other libraries' warnings print as Python prints them."""
+    if str(Path(filename).resolve()).startswith(_our_package_dirs()):
+        typer.echo(f"warning: {' '.join(str(message).split())}", err=True)
+    else:
+        (file or sys.stderr).write(warnings.formatwarning(message, category, filename, lineno, line))
 
 
 # Options shared by several commands.
@@ -243,6 +409,7 @@ def pack(
     The result loads with `spqr run`, `spqr eval` and `spqr_cli.load_packed`; `spqr inspect` shows its sizes.
     """
     with user_errors():
+        check_input_dir(quant_dir, "quantization directory", "create it with `spqr quantize MODEL --out DIR`")
         from spqr_cli.format.inspect import inspect_packed
         from spqr_cli.format.pack import pack_model
 
@@ -263,6 +430,7 @@ def unpack(
 ) -> None:
     """Write a dense fp16 checkpoint that plain transformers loads, bit-exact with the quantizer's weights."""
     with user_errors():
+        check_input_dir(packed_dir, "packed checkpoint", "create it with `spqr pack QUANT_DIR --out DIR`")
         from spqr_cli.format.pack import unpack_model
 
         summary = unpack_model(packed_dir, out, verify=verify, overwrite=overwrite, shard_size_mb=shard_size)
@@ -282,11 +450,12 @@ def inspect(
     Totals: size on disk, compression vs fp16. Exits with code 2 if a checksum fails.
     """
     with user_errors():
+        check_input_dir(packed_dir, "packed checkpoint", "create it with `spqr pack QUANT_DIR --out DIR`")
+        check_output_file(json_path, "--json", dash_is_stdout=True)
         import json
 
         from spqr_cli.console import render_inspect
         from spqr_cli.core.errors import SpQRError
-        from spqr_cli.core.io import write_json
         from spqr_cli.format.inspect import inspect_packed
 
         result = inspect_packed(packed_dir, verify=verify)
@@ -295,7 +464,7 @@ def inspect(
         else:
             render_inspect(result, console())
             if json_path is not None:
-                write_json(result, json_path)
+                write_output_json(result, json_path, "--json")
                 typer.echo(f"wrote {json_path}")
         if result["failed"]:
             raise SpQRError(f"{len(result['failed'])} tensors fail their checksum (first: {result['failed'][0]}); "
@@ -323,16 +492,19 @@ def eval_(
                                                    show_default=False)] = None,
     verify: VerifyOpt = True,
 ) -> None:
-    """Perplexity on a dataset's test text: rows joined with blank lines, tokenized once, non-overlapping
-    SEQLEN windows, exp(mean token NLL)."""
+    """Perplexity on a dataset's test text: exp(mean token NLL) over non-overlapping SEQLEN windows.
+
+    The rows are joined with blank lines and tokenized once."""
     with user_errors():
+        check_model_arg(model)
+        check_dataset_arg(dataset, data_dir)
+        check_output_file(json_path, "--json")
         from spqr_cli.core.data import settle_hub_mode
 
         settle_hub_mode(model)
         from rich.table import Table
 
         from spqr_cli.core.evaluate import evaluate_path
-        from spqr_cli.core.io import write_json
 
         result = evaluate_path(model, dataset, dtype=dtype.value, device=device.value, seqlen=seqlen,
                                max_windows=max_windows, batch_size=batch_size, data_dir=data_dir, progress=True,
@@ -344,7 +516,8 @@ def eval_(
                       f"{result.seconds:.1f}s", f"[bold]{result.perplexity:.3f}[/]")
         console().print(table)
         if json_path is not None:
-            write_json({"model": model, "requested_dtype": dtype.value, **result.to_dict()}, json_path)
+            write_output_json({"model": model, "requested_dtype": dtype.value, **result.to_dict()}, json_path,
+                              "--json")
             typer.echo(f"wrote {json_path}")
 
 
@@ -352,14 +525,14 @@ def eval_(
 def run(
     model: Annotated[str, typer.Argument(help="Packed checkpoint (`spqr pack` output), quantization output or "
                                          "dense model directory / hub id.")],
-    prompt: Annotated[str, typer.Option("--prompt", "-p", help="Text to continue.")],
-    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n", min=1,
-                                                help="Tokens to generate at most.")] = 64,
+    prompt: Annotated[str, typer.Option("--prompt", help="Text to continue.")],
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1, help="Tokens to generate at most.")] = 64,
     sample: Annotated[bool, typer.Option("--sample/--greedy", help="Sample (temperature, top-p, top-k) or take the "
                                          "most likely token.")] = False,
-    temperature: Annotated[float, typer.Option("--temperature", help="Sampling temperature.")] = 0.8,
-    top_p: Annotated[float, typer.Option("--top-p", help="Nucleus sampling mass.")] = 0.95,
-    top_k: Annotated[int, typer.Option("--top-k", help="Sample among the K most likely tokens.")] = 50,
+    temperature: Annotated[float, typer.Option("--temperature", help="Sampling temperature (> 0).")] = 0.8,
+    top_p: Annotated[float, typer.Option("--top-p", help="Nucleus sampling mass, in (0, 1]; 1 = off.")] = 0.95,
+    top_k: Annotated[int, typer.Option("--top-k", min=0, help="Sample among the K most likely tokens; 0 = off.")]
+    = 50,
     seed: Annotated[int, typer.Option("--seed", help="Sampling seed.")] = 0,
     compile: Annotated[bool, typer.Option("--compile/--no-compile", help="On CUDA: compile the one-token step "
                                           "(torch.compile + CUDA graph; a one-time warm-up of seconds to a minute, "
@@ -369,7 +542,8 @@ def run(
 ) -> None:
     """Generate text from a prompt, streamed to stdout as it is produced; speed and device go to stderr."""
     with user_errors():
-        from spqr_cli.runtime.generation import run_model
+        check_model_arg(model)
+        from spqr_cli.runtime.generation import run_model  # checks the sampling settings before loading
 
         def emit(text: str) -> None:
             sys.stdout.write(text)
@@ -416,9 +590,12 @@ def bench(
     json_path: Annotated[Path | None, typer.Option("--json", help="Also write the rows and environment as JSON here.",
                                                    show_default=False)] = None,
 ) -> None:
-    """Speed on GPU, side by side in one process: fp16 cuBLAS vs the SpQR Triton kernels (and --peers) on LLaMA
-    layer shapes, then end to end on random-weight LLaMA-shaped models (needs CUDA)."""
+    """Speed on GPU (needs CUDA): fp16 cuBLAS vs the SpQR Triton kernels, per layer and end to end.
+
+    Side by side in one process: LLaMA layer shapes (and --peers' kernels), then random-weight LLaMA-shaped
+    models."""
     with user_errors():
+        check_output_file(json_path, "--json")
         import torch
 
         from spqr_cli.core.errors import SpQRError
@@ -458,8 +635,12 @@ def bench(
             e2e_rows = bench_e2e(e2e_model.upper(), cap_model.upper(), cap_gb, compile=compile, fuse=fuse)
             console().print(render_e2e(e2e_rows))
         if json_path is not None:
-            write_bench_json(rows, str(json_path), {"models": names, "batches": batch_list, "reps": reps,
-                                                    "peers": peer_list, "e2e": e2e_rows})
+            try:
+                write_bench_json(rows, str(json_path), {"models": names, "batches": batch_list, "reps": reps,
+                                                        "peers": peer_list, "e2e": e2e_rows})
+            except OSError as e:
+                raise SpQRError(f"cannot write --json {str(json_path)!r}: {e.strerror or e}; the result was not "
+                                "saved") from None
             typer.echo(f"wrote {json_path}")
 
 
@@ -469,8 +650,10 @@ def demo(
         "--out", "-o", help="Keep the demo's artifacts in this directory. Default: a temporary directory.",
         show_default=False)] = None,
 ) -> None:
-    """The whole pipeline offline on the embedded docs-llama-3m model: calibrate, eval fp16, quantize, pack, eval
-    packed, generate; prints a summary (perplexities, bits, sizes, a sample). About 10-20 s on a 2-core CPU."""
+    """The whole pipeline offline on the embedded docs-llama-3m model, in 10-20 s on a 2-core CPU.
+
+    Calibrate, eval fp16, quantize, pack, eval packed, generate; prints a summary (perplexities, bits, sizes, a
+    sample)."""
     with user_errors():
         from spqr_cli.demo import run_demo
 

@@ -12,10 +12,11 @@ from typing import Any
 
 
 def console() -> Any:
-    """The rich console the commands print to (stdout)."""
-    from rich.console import Console
+    """The rich console the commands print to (stdout); not wrapped at 80 columns when stdout is a file or pipe
+    (``core.progress.make_console``)."""
+    from spqr_cli.core.progress import make_console
 
-    return Console()
+    return make_console()
 
 
 def config_line(cfg: Any) -> str:
@@ -35,7 +36,10 @@ def config_line(cfg: Any) -> str:
 
 @contextlib.contextmanager
 def quant_progress(console_: Any = None) -> Iterator:
-    """A rich progress bar over decoder blocks (current layer, elapsed, ETA) fed by quantize_model's callback.
+    """Progress over decoder blocks fed by quantize_model's callback: on a terminal a transient bar (stage, block
+    i/N, elapsed, ETA once a block is done, current layer); elsewhere one line per finished block (block i/N,
+    elapsed, ETA) on ``console_`` (default stderr), so logs of long runs show a heartbeat
+    (``core.progress.eta_progress``).
 
     Yields the callback ``progress(stage, done, total, detail)``. Also used by the demo.
     """

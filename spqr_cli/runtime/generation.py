@@ -11,6 +11,9 @@ Compiling costs a one-time warm-up, run before the timed generation and reported
 from __future__ import annotations
 
 import contextlib
+import inspect
+import math
+import numbers
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -52,6 +55,26 @@ def load_for_generation(path: str | Path, device: str = "auto", verify: bool = T
     return load_any_model(str(path), "fp16", device, verify=verify)
 
 
+def check_generation_args(max_new_tokens: int, do_sample: bool, temperature: float, top_p: float,
+                          top_k: int) -> None:
+    """Refuse generation settings transformers would reject mid-run or silently misuse (``top_p=2`` used to be
+    accepted); called by ``generate`` and, before the model is loaded, by ``run_model`` (``spqr run``). The
+    temperature only matters when sampling (greedy ignores it)."""
+    if not _is_int(max_new_tokens) or max_new_tokens < 1:
+        raise SpQRError(f"--max-new-tokens must be >= 1 (an integer), got {max_new_tokens!r}")
+    if not 0 < top_p <= 1:  # also refuses nan
+        raise SpQRError(f"--top-p must be in (0, 1] (1 turns nucleus sampling off), got {top_p}")
+    if not _is_int(top_k) or top_k < 0:
+        raise SpQRError(f"--top-k must be an integer >= 0 (0 turns top-k sampling off), got {top_k!r}")
+    if do_sample and not (temperature > 0 and math.isfinite(temperature)):
+        raise SpQRError(f"--temperature must be > 0 and finite when sampling, got {temperature}; use --greedy for "
+                        "the most likely tokens")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 def generate(model: Any, tokenizer: Any, prompt: str, max_new_tokens: int = 64, do_sample: bool = False,
              temperature: float = 0.8, top_p: float = 0.95, top_k: int = 50, seed: int = 0,
              on_text: Callable[[str], None] | None = None, compile: bool = True,
@@ -62,10 +85,7 @@ def generate(model: Any, tokenizer: Any, prompt: str, max_new_tokens: int = 64, 
     """
     from transformers import StaticCache, TextStreamer
 
-    if max_new_tokens < 1:
-        raise SpQRError("--max-new-tokens must be >= 1")
-    if do_sample and not temperature > 0:
-        raise SpQRError("--temperature must be > 0 when sampling")
+    check_generation_args(max_new_tokens, do_sample, temperature, top_p, top_k)
     device = next(model.parameters()).device
     ids = tokenizer(prompt, return_tensors="pt").input_ids.to(device)
     if ids.shape[1] == 0:
@@ -153,7 +173,14 @@ def _warm_up(model: Any, ids: torch.Tensor, kwargs: dict[str, Any],
 
 def run_model(path: str | Path, prompt: str, device: str = "auto", verify: bool = True,
               on_text: Callable[[str], None] | None = None, **gen_kwargs: Any) -> GenerationResult:
-    """Load ``path`` and generate: the library function behind ``spqr run``."""
+    """Load ``path`` and generate: the library function behind ``spqr run`` (settings checked before loading)."""
+    given = {**_GENERATE_DEFAULTS, **gen_kwargs}
+    check_generation_args(*(given[k] for k in ("max_new_tokens", "do_sample", "temperature", "top_p", "top_k")))
     resolve_device(device)
     model, tokenizer = load_for_generation(path, device, verify)
     return generate(model, tokenizer, prompt, on_text=on_text, **gen_kwargs)
+
+
+# ``generate``'s keyword defaults, so that ``run_model`` checks the settings ``generate`` will use
+_GENERATE_DEFAULTS = {name: p.default for name, p in inspect.signature(generate).parameters.items()
+                      if p.default is not inspect.Parameter.empty}

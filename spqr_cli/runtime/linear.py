@@ -2,7 +2,9 @@
 
 Memory is the point of the format, so the module owns only the packed buffers and never keeps a dense weight:
 every call goes through ``spqr_kernels.ops.spqr_linear``, which picks the Triton kernels on CUDA and the torch path
-(decode the layer, multiply, drop the dense copy) elsewhere.
+elsewhere. On CPU that path keeps the decoded weight of each layer in a cache beside the module
+(``spqr_kernels.decode.cpu_weight``, bounded by ``$SPQR_CPU_CACHE_GB``, default half the available RAM), because
+decoding on every call is 100x slower than the multiply; beyond the budget layers are decoded per call.
 
 ``torch.compile``: inside a compiled region the layer calls the custom op ``torch.ops.spqr.linear`` instead, so
 dynamo sees one opaque node with a known output shape (it cannot trace the Triton launcher's Python) and inductor
