@@ -129,6 +129,10 @@ def user_errors() -> Iterator[None]:
     except KeyboardInterrupt:
         error("interrupted")
         raise typer.Exit(130) from None
+    except OSError as e:  # a full disk, a read-only or vanished directory: the system's reason, and the file
+        where = f" ({e.filename})" if e.filename else ""
+        error(f"file system error: {e.strerror or e}{where}; check free space, permissions and the path")
+        raise typer.Exit(EXIT_USER_ERROR) from None
 
 
 # ----------------------------------------------------------------------------------------------- early checks
@@ -275,7 +279,8 @@ def calibrate(
     out: Annotated[Path, typer.Option("--out", "-o", help="Output .safetensors file.")],
     dataset: Annotated[str, typer.Option("--dataset", "-d", help=DatasetHelp)] = "wikitext2",
     nsamples: Annotated[int, typer.Option("--nsamples", "-n", min=1, help="Number of windows.")] = 128,
-    seqlen: Annotated[int, typer.Option("--seqlen", "-l", min=2, help="Tokens per window.")] = 2048,
+    seqlen: Annotated[int | None, typer.Option("--seqlen", "-l", min=2, help="Tokens per window (default: 2048 "
+                                               "capped by the model's context).", show_default=False)] = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the window positions.")] = 0,
     data_dir: DataDirOpt = None,
 ) -> None:
@@ -286,6 +291,9 @@ def calibrate(
     redpajama -> the 1T sample, file:PATH -> that file.
     """
     with user_errors():
+        check_model_arg(model)
+        check_dataset_arg(dataset, data_dir)
+        check_output_file(out, "--out")
         from spqr_cli.core.data import settle_hub_mode
 
         settle_hub_mode(model)
@@ -293,7 +301,7 @@ def calibrate(
         from spqr_cli.core.evaluate import default_seqlen
         from spqr_cli.core.models import load_config, load_tokenizer
 
-        default_seqlen(load_config(model), seqlen)
+        seqlen = default_seqlen(load_config(model), seqlen)
         tokenizer = load_tokenizer(model)
         calib = build_calibration_set(tokenizer, dataset, nsamples=nsamples, seqlen=seqlen, seed=seed,
                                       data_dir=data_dir, model=model)
@@ -368,8 +376,16 @@ def quantize(
         if calib is not None and dataset is not None:
             raise SpQRError("--calib and --dataset both given; use --calib FILE or build the set on the fly "
                             "with --dataset, not both")
+        check_model_arg(model)
+        check_dataset_arg(dataset or "wikitext2", data_dir)
+        if calib is not None and not calib.is_file():
+            raise SpQRError(f"calibration file {str(calib)!r} not found; make one with `spqr calibrate`")
+        if out.exists() and not out.is_dir() or any(p.is_file() for p in out.absolute().parents):
+            raise SpQRError(f"--out {out} is a file or lies below one; choose a directory path")
         from spqr_cli.core.data import settle_hub_mode
+        from spqr_cli.core.models import check_weight_files
 
+        check_weight_files(model)  # a packed or pickle-only directory: say so before building the calibration set
         settle_hub_mode(model)
         from spqr_cli.core.calibrate import build_calibration_set, load_calibration
         from spqr_cli.core.evaluate import default_seqlen

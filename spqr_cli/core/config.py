@@ -55,6 +55,7 @@ class QuantConfig:
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
+        self._check_types()
         if self.method not in method_names():
             raise ConfigError(f"unknown method {self.method!r}; choose one of {', '.join(method_names())}")
         if not 2 <= self.wbits <= 8:
@@ -71,8 +72,22 @@ class QuantConfig:
             raise ConfigError("--percdamp must be > 0")
         if self.blocksize < 1:
             raise ConfigError("--blocksize must be >= 1")
-        if self.outlier_threshold <= 0:
-            raise ConfigError("--outlier-threshold must be > 0 (use inf to disable outliers)")
+        if math.isnan(self.outlier_threshold) or self.outlier_threshold <= 0:
+            raise ConfigError(f"--outlier-threshold {self.outlier_threshold} must be a number > 0 (inf disables "
+                              "outliers)")
+        if not math.isfinite(self.percdamp):
+            raise ConfigError(f"--percdamp {self.percdamp} must be a finite number > 0")
+
+    def _check_types(self) -> None:
+        """Every field has its declared type (values from YAML or JSON may not): ints are ints (not bools or
+        strings), floats are numbers, so the range checks and everything after them compare numbers."""
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            kind = {"int": int, "float": (int, float), "str": str, "bool": bool}.get(str(f.type))
+            if kind is None:
+                continue
+            if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
+                raise ConfigError(f"config field {f.name} = {value!r} must be of type {f.type}")
 
     @property
     def has_outliers(self) -> bool:
@@ -111,8 +126,12 @@ class QuantConfig:
         if unknown:
             raise ConfigError(f"unknown config keys: {', '.join(sorted(unknown))}")
         d = dict(d)
-        if "outlier_threshold" in d:
-            d["outlier_threshold"] = float(d["outlier_threshold"])
+        tau = d.get("outlier_threshold")
+        if isinstance(tau, str):  # "inf" in saved configs (JSON has no infinity)
+            try:
+                d["outlier_threshold"] = float(tau)
+            except ValueError:
+                raise ConfigError(f"config field outlier_threshold = {tau!r} must be a number or inf") from None
         return cls(**d)
 
     def replace(self, **changes: Any) -> QuantConfig:
@@ -130,7 +149,12 @@ def load_preset(name_or_path: str) -> QuantConfig:
         path = CONFIG_DIR / f"{name_or_path}.yaml"
     if not path.is_file():
         raise ConfigError(f"preset {name_or_path!r} not found; available: {', '.join(list_presets())}")
-    data = yaml.safe_load(path.read_text()) or {}
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        raise ConfigError(f"preset {str(path)!r} is not readable YAML ({type(e).__name__}); fix it") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"preset {str(path)!r} must be a mapping of config fields, got {type(data).__name__}")
     data.pop("description", None)
     return QuantConfig.from_dict(data)
 

@@ -145,17 +145,55 @@ def load_tokenizer(name_or_path: str) -> Any:
 
 
 def load_model(name_or_path: str, dtype: str | torch.dtype = "fp16", device: str = "cpu") -> nn.Module:
-    """Load a causal LM by hub id or local directory, check its family is supported, put it in eval mode."""
+    """Load a causal LM by hub id or local directory, check its family is supported, put it in eval mode.
+
+    Strict, because every later step trusts the weights: a checkpoint that lacks a weight of the architecture
+    (transformers would initialise it at random and only log it) or holds one the architecture does not have is
+    refused, and so are directories of other formats (a packed or quantization output, pickle-only weights, which
+    this tool never unpickles) and damaged safetensors.
+    """
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
 
+    check_weight_files(name_or_path)
     config = load_config(name_or_path)
     adapter_for(config)
     try:
-        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=resolve_dtype(dtype))
-    except (OSError, ValueError) as e:
-        raise SpQRError(f"cannot load model {name_or_path!r}: {_first_line(e)}") from None
+        model, info = AutoModelForCausalLM.from_pretrained(  # (mismatched shapes are reported below, by name)
+            name_or_path, dtype=resolve_dtype(dtype), use_safetensors=True, output_loading_info=True,
+            ignore_mismatched_sizes=True)
+    except (OSError, ValueError, RuntimeError, SafetensorError) as e:
+        raise SpQRError(f"cannot load model {name_or_path!r}: {_first_line(e)}; the weights are missing or "
+                        "damaged (re-download or re-save the model)") from None
+    problems = {kind: sorted(str(k[0] if isinstance(k, tuple) else k) for k in info.get(key) or ()) for kind, key in (
+        ("missing", "missing_keys"), ("unexpected", "unexpected_keys"), ("mismatched", "mismatched_keys"))}
+    problems = {kind: names for kind, names in problems.items() if names}
+    if problems:
+        what = "; ".join(f"{len(v)} {k} (first: {v[0]})" for k, v in problems.items())
+        raise SpQRError(f"the weights of {name_or_path!r} do not match its config.json: {what}; the checkpoint is "
+                        "incomplete or belongs to another model")
     model.eval()
     return model.to(resolve_device(device))
+
+
+def check_weight_files(name_or_path: str) -> None:
+    """Local directories that are not plain safetensors Hugging Face checkpoints get a message naming what they
+    are instead of a loader error (or worse, a model with random layers)."""
+    path = Path(name_or_path)
+    if not path.is_dir():
+        return  # a hub id: transformers resolves it
+    if (path / "spqr_config.json").is_file():
+        raise SpQRError(f"{name_or_path!r} is a packed spqr checkpoint, not a dense model: quantize the original "
+                        f"model, or `spqr unpack {name_or_path} --out DIR` to get a dense one")
+    if (path / "quant_config.json").is_file():
+        raise SpQRError(f"{name_or_path!r} is a `spqr quantize` output directory: quantize the original model "
+                        f"(its dequantized copy is {path / 'dense'})")
+    has_safetensors = any(path.glob("*.safetensors"))
+    pickled = [p.name for p in (*path.glob("*.bin"), *path.glob("*.pt"), *path.glob("*.pth"))]
+    if not has_safetensors and pickled:
+        raise SpQRError(f"{name_or_path!r} holds only pickle weights ({pickled[0]}); spqr never unpickles model "
+                        "files: convert it once with transformers (`from_pretrained(..., weights_only=True)` then "
+                        "`save_pretrained(DIR)`, which writes safetensors) and pass DIR")
 
 
 def model_max_length(config: Any) -> int | None:

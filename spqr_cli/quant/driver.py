@@ -29,7 +29,14 @@ from torch import nn
 from spqr_cli.core.config import QuantConfig
 from spqr_cli.core.errors import SpQRError
 from spqr_cli.core.io import write_json
-from spqr_cli.core.models import FamilyAdapter, adapter_for, load_model, load_tokenizer, resolve_device
+from spqr_cli.core.models import (
+    FamilyAdapter,
+    adapter_for,
+    check_weight_files,
+    load_model,
+    load_tokenizer,
+    resolve_device,
+)
 from spqr_cli.quant.hessian import HessianAccumulator
 from spqr_cli.quant.methods import get_method, quantize_layer
 from spqr_cli.quant.record import QuantizedLayer, load_records, save_records
@@ -93,6 +100,41 @@ def calibration_fingerprint(input_ids: torch.Tensor) -> str:
     return hashlib.sha256(input_ids.to(torch.int64).contiguous().numpy().tobytes()).hexdigest()
 
 
+def _read_state(state_path: Path) -> dict[str, Any]:
+    try:
+        old = json.loads(state_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        raise SpQRError(f"{state_path} is corrupted; pass --restart to discard the run or choose a new "
+                        "--out directory") from None
+    if not isinstance(old, dict) or old.get("format") != FORMAT:
+        raise SpQRError(f"{state_path} is not an spqr quantization state; choose a new --out directory")
+    return old
+
+
+def _finished_report(out_dir: Path, model_path: str, cfg: QuantConfig, calib_ids: torch.Tensor,
+                     restart: bool) -> QuantReport | None:
+    """The saved report of a finished run of the same model, config and calibration in ``out_dir`` (so that
+    re-running a finished command returns at once, without loading the model), else ``None``."""
+    state_path = out_dir / "quant_config.json"
+    if restart or not state_path.is_file():
+        return None
+    old = _read_state(state_path)
+    same = (old.get("model") == str(model_path) and old.get("config") == cfg.to_dict()
+            and (old.get("calibration") or {}).get("sha256") == calibration_fingerprint(calib_ids))
+    if not (same and old.get("complete") and (out_dir / "dense" / "config.json").is_file()):
+        return None
+    try:
+        saved = json.loads((out_dir / "report.json").read_text())
+        report = QuantReport(
+            layers=[LayerReport(**{**r, "shape": tuple(r["shape"])}) for r in saved["layers"]],
+            wall_seconds=float(saved["wall_seconds"]), peak_device_mb=float(saved["peak_device_mb"]),
+            peak_host_mb=float(saved["peak_host_mb"]), device=str(saved["device"]),
+            resumed_from_block=int(old["num_blocks"]))
+    except (OSError, ValueError, KeyError, TypeError, RecursionError):
+        return None  # no usable report: re-run (the records are replayed, nothing is quantized again)
+    return report
+
+
 def _prepare_out_dir(out_dir: Path, state: dict[str, Any], restart: bool) -> int:
     """Create or validate the output directory; return the number of blocks already committed."""
     state_path = out_dir / "quant_config.json"
@@ -102,13 +144,7 @@ def _prepare_out_dir(out_dir: Path, state: dict[str, Any], restart: bool) -> int
         if not state_path.is_file():
             raise SpQRError(f"output directory {out_dir} is not empty and holds no spqr run; "
                             "choose a new --out directory")
-        try:
-            old = json.loads(state_path.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-            raise SpQRError(f"{state_path} is corrupted; pass --restart to discard the run or choose a new "
-                            "--out directory") from None
-        if old.get("format") != FORMAT:
-            raise SpQRError(f"{state_path} is not an spqr quantization state; choose a new --out directory")
+        old = _read_state(state_path)
         if restart:
             shutil.rmtree(out_dir)
         else:
@@ -256,6 +292,15 @@ def quantize_model(
     if calib_ids.dim() != 2 or calib_ids.dtype not in (torch.int64, torch.int32):
         raise SpQRError("calibration ids must be an integer [nsamples, seqlen] tensor; use `spqr calibrate`")
     calib_ids = calib_ids.to(torch.int64)
+    if calib_ids.numel() == 0 or calib_ids.shape[1] < 2:
+        raise SpQRError(f"the calibration set is empty or too short ({list(calib_ids.shape)}); use at least one "
+                        "window of 2 tokens (`spqr calibrate --nsamples N --seqlen L`)")
+    if int(calib_ids.min()) < 0:
+        raise SpQRError("the calibration set holds negative token ids; it is damaged: rebuild it with `spqr calibrate`")
+    check_weight_files(model_path)
+    finished = _finished_report(out, model_path, cfg, calib_ids, restart)
+    if finished is not None:
+        return finished
 
     tokenizer = load_tokenizer(model_path)
     model = load_model(model_path, dtype="fp16", device="cpu")
@@ -289,9 +334,8 @@ def quantize_model(
         block.to(device=dev, dtype=compute_dtype)
         if i < start_block:
             notify("replay", i + 1, len(blocks), f"block {i} (resumed)")
-            records = load_records(str(record_path))
-            rows = json.loads(record_path.with_suffix(".json").read_text())
-            report.layers.extend(LayerReport(**{**r, "shape": tuple(r["shape"])}) for r in rows)
+            records, rows = _load_block(record_path, prefix, adapter)
+            report.layers.extend(rows)
             for name, rec in records.items():
                 lin = block.get_submodule(name[len(prefix) + 1 :])
                 lin.weight.data = rec.dequantize().to(dev, compute_dtype)
@@ -317,6 +361,24 @@ def quantize_model(
     write_json({"config": cfg.to_dict(), **report.to_dict()}, out / "report.json")
     write_json({**state, "completed_blocks": len(blocks), "complete": True}, out / "quant_config.json")
     return report
+
+
+def _load_block(record_path: Path, prefix: str, adapter: FamilyAdapter) -> tuple[dict[str, QuantizedLayer],
+                                                                                  list[LayerReport]]:
+    """A committed block's records and report rows, for a resumed run; anything damaged or missing is a one-line
+    error that says how to recover (the run cannot be resumed bit-identically from it)."""
+    expected = {f"{prefix}.{name}" for name in adapter.linear_names()}
+    try:
+        records = load_records(str(record_path))
+        rows = [LayerReport(**{**r, "shape": tuple(r["shape"])})
+                for r in json.loads(record_path.with_suffix(".json").read_text())]
+    except Exception as e:  # safetensors, JSON and field errors of a damaged or truncated file
+        raise SpQRError(f"the committed records of {prefix} ({record_path.name}) are damaged or missing "
+                        f"({type(e).__name__}); pass --restart to quantize again from scratch") from None
+    if set(records) != expected:
+        raise SpQRError(f"{record_path.name} does not hold the layers of {prefix}; pass --restart to quantize "
+                        "again from scratch")
+    return records, rows
 
 
 def _quantize_block(block: nn.Module, prefix: str, adapter: FamilyAdapter, inps: torch.Tensor,
