@@ -116,7 +116,7 @@ def bench_layers(
         raise RuntimeError("bench_layers needs a CUDA GPU")
     rows = []
     for name, n, k in shapes or llama_shapes():
-        pw = random_packed(n, k, wbits, groupsize, beta2, stat_bits, outlier_fraction)
+        pw = random_packed(n, k, wbits, groupsize, beta2, stat_bits, outlier_fraction, device="cuda")
         w16 = dequantize(pw).to(dtype)
         packed = pw.nbytes()
         built = [build_peer(p, pw) for p in peers if any(runs_batch(p, b) for b in batches)]
