@@ -2,76 +2,103 @@
 (packed directory -> dense fp16 Hugging Face checkpoint, bit-exact with the quantizer's weights).
 
 Both stream (one record file or layer and one shard's worth of tensors in memory at a time) and write into a
-temporary directory beside the output that is renamed at the end, so an interrupted run never leaves a
-half-written checkpoint under the final name.
+temporary directory beside the output that is swapped in at the end (``core/io``: a lock per output, atomic
+swap, recovery of a killed run), so an interrupted or concurrent run never leaves a half-written checkpoint
+under the final name nor deletes another run's output.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
-import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from spqr_cli.core.errors import SpQRError
-from spqr_cli.core.io import read_json
+from spqr_cli.core.io import (
+    chmod_like_open,
+    make_temp_dir,
+    output_lock,
+    read_json,
+    recover_output,
+    swap_in,
+    user_os_errors,
+)
 from spqr_cli.format.checkpoint import (
     CONFIG_NAME,
     DEFAULT_SHARD_MB,
     FORMAT_NAME,
     FORMAT_VERSION,
     MODEL_FILES,
+    SHARD_FILES_KEY,
+    SHARD_LAYERS_KEY,
     PackedCheckpoint,
     config_checksum,
     file_sha256,
+    layer_scalars,
     model_fingerprint,
+    short_error,
     tensor_info,
 )
 from spqr_cli.quant.record import QuantizedLayer, load_records
 
 
-def _prepare_out_dir(out_dir: Path, overwrite: bool, source: Path) -> Path:
-    """A fresh temp dir beside ``out_dir`` (same file system, so the final rename is atomic).
+@contextlib.contextmanager
+def _output_dir(out_dir: Path, overwrite: bool, source: Path) -> Iterator[Path]:
+    """Yield a fresh temp dir beside ``out_dir``; on success it replaces ``out_dir`` atomically (``swap_in``).
 
-    ``out_dir`` may not be, contain or lie inside ``source``: --overwrite would otherwise delete the input.
+    The whole write holds ``out_dir``'s lock, and the emptiness check runs under it, so two writers can never
+    both pass it. Leftovers of a killed run are cleaned (or the old output put back) first. ``out_dir`` may not
+    be, contain or lie inside ``source``: --overwrite would otherwise delete the input. File-system errors are
+    one-line ``SpQRError``s.
     """
     src, dst = source.resolve(), out_dir.resolve()
     if dst == src or src in dst.parents or dst in src.parents:
         raise SpQRError(f"output {out_dir} overlaps the input {source}; choose an output outside it")
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not overwrite:
-        raise SpQRError(f"output {out_dir} already exists and is not empty; pass --overwrite or choose another path")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-
-
-def _finish_out_dir(tmp: Path, out_dir: Path) -> None:
-    if out_dir.exists():
-        if out_dir.is_dir():
-            shutil.rmtree(out_dir)
-        else:
-            out_dir.unlink()
-    os.replace(tmp, out_dir)
+    with user_os_errors(f"output {out_dir}"):
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        with output_lock(out_dir):
+            recover_output(out_dir)
+            if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not overwrite:
+                raise SpQRError(f"output {out_dir} already exists and is not empty; pass --overwrite or choose "
+                                "another path")
+            tmp = make_temp_dir(out_dir)
+            try:
+                yield tmp
+                swap_in(tmp, out_dir)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
 
 
 class _ShardWriter:
     """Streams tensors into size-capped safetensors shards; final names are assigned once the count is known."""
 
-    def __init__(self, directory: Path, max_bytes: int, prefix: str = "model") -> None:
+    def __init__(self, directory: Path, max_bytes: int, prefix: str = "model",
+                 files_sha256: dict[str, str] | None = None) -> None:
         self.directory, self.max_bytes, self.prefix = directory, max_bytes, prefix
+        self.files_sha256 = files_sha256
+        self.pending_layers: dict[str, dict[str, Any]] = {}
         self.pending: dict[str, torch.Tensor] = {}
         self.pending_bytes = 0
         self.files: list[Path] = []
         self.shard_of: dict[str, int] = {}
         self.total_bytes = 0
 
-    def add(self, name: str, t: torch.Tensor) -> None:
+    def add(self, name: str, t: torch.Tensor, layer: str | None = None,
+            layer_meta: dict[str, Any] | None = None) -> None:
+        """Queue tensor ``name``; ``layer_meta`` (the scalars of its quantized ``layer``) goes into the header
+        metadata of the shard that holds it, so the config's values can be cross-checked at load."""
         nbytes = t.numel() * t.element_size()
         if self.pending and self.pending_bytes + nbytes > self.max_bytes:
             self.flush()
+        if layer is not None and layer_meta is not None:
+            self.pending_layers[layer] = layer_meta
         self.pending[name] = t.contiguous().cpu()
         self.pending_bytes += nbytes
         self.total_bytes += nbytes
@@ -83,9 +110,14 @@ class _ShardWriter:
         if not self.pending:
             return
         path = self.directory / f".shard-{len(self.files):05d}.tmp"
-        save_file(self.pending, str(path), metadata={"format": "pt"})
+        metadata = {"format": "pt"}
+        if self.files_sha256 is not None:  # packed shards (not unpack's plain HF ones)
+            metadata[SHARD_LAYERS_KEY] = json.dumps(self.pending_layers, sort_keys=True, separators=(",", ":"))
+            metadata[SHARD_FILES_KEY] = json.dumps(self.files_sha256, sort_keys=True, separators=(",", ":"))
+        save_file(self.pending, str(path), metadata=metadata)
+        chmod_like_open(path)
         self.files.append(path)
-        self.pending, self.pending_bytes = {}, 0
+        self.pending, self.pending_bytes, self.pending_layers = {}, 0, {}
 
     def close(self) -> dict[str, str]:
         """Rename the shards to ``<prefix>-0000i-of-0000N.safetensors``; return tensor name -> shard file name."""
@@ -111,10 +143,17 @@ class _DenseCheckpoint:
 
         index = directory / "model.safetensors.index.json"
         if index.is_file():
-            weight_map = read_json(index, "Hugging Face checkpoint")["weight_map"]
+            weight_map = read_json(index, "Hugging Face checkpoint").get("weight_map")
+            if not isinstance(weight_map, dict) or not all(isinstance(v, str) and "/" not in v
+                                                           for v in weight_map.values()):
+                raise SpQRError(f"{index} has no valid weight_map; re-run `spqr quantize`")
         elif (directory / "model.safetensors").is_file():
-            with safe_open(str(directory / "model.safetensors"), framework="pt") as f:
-                weight_map = {k: "model.safetensors" for k in f.keys()}  # noqa: SIM118
+            try:
+                with safe_open(str(directory / "model.safetensors"), framework="pt") as f:
+                    weight_map = {k: "model.safetensors" for k in f.keys()}  # noqa: SIM118
+            except Exception as e:  # safetensors raises several types on damaged headers/truncation
+                raise SpQRError(f"{directory}/model.safetensors is corrupted or truncated ({short_error(e)}); "
+                                "re-run `spqr quantize`") from None
         else:
             raise SpQRError(f"{directory} holds no model.safetensors; the quantization output is incomplete")
         self.directory, self.weight_map = directory, weight_map
@@ -124,9 +163,13 @@ class _DenseCheckpoint:
         from safetensors import safe_open
 
         file = self.weight_map[name]
-        if file not in self._handles:
-            self._handles[file] = safe_open(str(self.directory / file), framework="pt")
-        return self._handles[file].get_tensor(name)
+        try:
+            if file not in self._handles:
+                self._handles[file] = safe_open(str(self.directory / file), framework="pt")
+            return self._handles[file].get_tensor(name)
+        except Exception as e:  # truncated or damaged shard, missing file
+            raise SpQRError(f"cannot read {name} from {self.directory / file} ({short_error(e)}); the "
+                            "quantization output is damaged, re-run `spqr quantize`") from None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -151,9 +194,11 @@ def pack_model(quant_dir: str | Path, out_dir: str | Path, shard_size_mb: int = 
     expected_layers = list(qcfg.get("layers", []))
     dense = _DenseCheckpoint(dense_dir)
 
-    tmp = _prepare_out_dir(out_dir, overwrite, quant_dir)
-    try:
-        writer = _ShardWriter(tmp, max(1, int(shard_size_mb * 2**20)))
+    # hashed before the shards are written: every shard's header carries them (see docs/format.md)
+    all_files = {f: file_sha256(dense_dir / f) for f in MODEL_FILES if (dense_dir / f).is_file()}
+    files = {f: h for f, h in all_files.items() if f != "config.json"}  # config.json: config_json_sha256
+    with _output_dir(out_dir, overwrite, quant_dir) as tmp:
+        writer = _ShardWriter(tmp, max(1, int(shard_size_mb * 2**20)), files_sha256=files)
         layers: dict[str, dict[str, Any]] = {}
         for path in record_files:
             try:
@@ -184,11 +229,10 @@ def pack_model(quant_dir: str | Path, out_dir: str | Path, shard_size_mb: int = 
         for tname, info in dense_meta.items():
             info["shard"] = shard_of[tname]
 
-        copied = {}
-        for fname in MODEL_FILES:
-            if (dense_dir / fname).is_file():
-                shutil.copyfile(dense_dir / fname, tmp / fname)
-                copied[fname] = file_sha256(tmp / fname)
+        for fname in all_files:
+            shutil.copyfile(dense_dir / fname, tmp / fname)
+            if file_sha256(tmp / fname) != all_files[fname]:
+                raise SpQRError(f"{dense_dir / fname} changed while packing; run `spqr pack` again")
         cfg: dict[str, Any] = {
             "format": FORMAT_NAME,
             "format_version": FORMAT_VERSION,
@@ -196,17 +240,14 @@ def pack_model(quant_dir: str | Path, out_dir: str | Path, shard_size_mb: int = 
             "family": qcfg.get("family"),
             "quant_config": qcfg.get("config", {}),
             "model_fingerprint": model_fingerprint(model_config),
-            "config_json_sha256": copied["config.json"],
+            "config_json_sha256": all_files["config.json"],
+            "files_sha256": files,
             "shards": sorted(set(shard_of.values())),
             "layers": layers,
             "dense_tensors": dense_meta,
         }
         cfg["checksum"] = config_checksum(cfg)
         (tmp / CONFIG_NAME).write_text(json.dumps(cfg, indent=1) + "\n")
-        _finish_out_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return {"out_dir": str(out_dir), "layers": len(layers), "dense_tensors": len(dense_meta),
             "shards": cfg["shards"], "bytes": sum((out_dir / s).stat().st_size for s in cfg["shards"])}
 
@@ -220,9 +261,10 @@ def _pack_layer(name: str, rec: QuantizedLayer, dense: _DenseCheckpoint, writer:
                             f"checkpoint has {shape}; the quantization directory is inconsistent")
     pw = rec.pack()
     meta: dict[str, Any] = {**pw.meta(), "nnz": pw.nnz, "has_perm": "perm" in pw.tensors, "tensors": {}}
+    scalars = layer_scalars(meta)
     for tname, t in pw.tensors.items():
         meta["tensors"][tname] = tensor_info(t)
-        writer.add(f"{name}.{tname}", t)
+        writer.add(f"{name}.{tname}", t, layer=name, layer_meta=scalars)
     return meta
 
 
@@ -235,25 +277,21 @@ def unpack_model(packed_dir: str | Path, out_dir: str | Path, verify: bool = Tru
     """Write a dense fp16 Hugging Face checkpoint; quantized weights are ``QuantizedLayer.dequantize()`` output."""
     out_dir = Path(out_dir)
     ckpt = PackedCheckpoint(packed_dir, verify=verify)
-    tmp = _prepare_out_dir(out_dir, overwrite, Path(packed_dir))
     try:
-        writer = _ShardWriter(tmp, max(1, int(shard_size_mb * 2**20)))
-        for name, pw in ckpt.iter_layers():
-            writer.add(f"{name}.weight", QuantizedLayer.from_packed(pw).dequantize())
-        for name in ckpt.dense:
-            writer.add(name, ckpt.load_dense(name))
-        shard_of = writer.close()
-        files = sorted(set(shard_of.values()))
-        if len(files) > 1:
-            index = {"metadata": {"total_size": writer.total_bytes}, "weight_map": dict(sorted(shard_of.items()))}
-            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-        for fname in MODEL_FILES:
-            if (ckpt.path / fname).is_file():
-                shutil.copyfile(ckpt.path / fname, tmp / fname)
-        _finish_out_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        with _output_dir(out_dir, overwrite, Path(packed_dir)) as tmp:
+            writer = _ShardWriter(tmp, max(1, int(shard_size_mb * 2**20)))
+            for name, pw in ckpt.iter_layers():
+                writer.add(f"{name}.weight", QuantizedLayer.from_packed(pw).dequantize())
+            for name in ckpt.dense:
+                writer.add(name, ckpt.load_dense(name))
+            shard_of = writer.close()
+            files = sorted(set(shard_of.values()))
+            if len(files) > 1:
+                index = {"metadata": {"total_size": writer.total_bytes}, "weight_map": dict(sorted(shard_of.items()))}
+                (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+            for fname in MODEL_FILES:
+                if (ckpt.path / fname).is_file():
+                    shutil.copyfile(ckpt.path / fname, tmp / fname)
     finally:
         ckpt.close()
     return {"out_dir": str(out_dir), "tensors": len(shard_of), "shards": files}

@@ -109,7 +109,41 @@ def model_kind(path: str) -> tuple[str, str]:
             raise SpQRError(f"{path} is an unfinished quantization run (no dense/ checkpoint yet); "
                             "re-run the same `spqr quantize` command to resume it")
         return "quant", str(p / "dense")
+    if p.is_dir() and _holds_packed_tensors(p):
+        raise SpQRError(f"{path} holds packed SpQR tensors but no spqr_config.json; it cannot be loaded as a plain "
+                        "model (its layers would be random): restore spqr_config.json or re-pack the model")
     return "dense", path
+
+
+# Names only a packed checkpoint's shards hold (``spqr_kernels.layout``); a plain HF checkpoint has none.
+_PACKED_SUFFIXES = (".qweight", ".outlier_row_ptr", ".outlier_col", ".scale_stats", ".qscale")
+
+
+def _holds_packed_tensors(directory: Path) -> bool:
+    """Whether any safetensors file in ``directory`` names a packed tensor (header only; unreadable files are left
+    to the regular loader, which reports them)."""
+    for f in directory.glob("*.safetensors"):
+        try:
+            names = _safetensors_names(f)
+        except (OSError, ValueError, RecursionError):
+            continue
+        if any(n.endswith(_PACKED_SUFFIXES) for n in names):
+            return True
+    return False
+
+
+def _safetensors_names(path: Path) -> list[str]:
+    """Tensor names from a safetensors header (8-byte little-endian length, then JSON), without loading data."""
+    import json
+
+    with open(path, "rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        if not 0 < size <= 100 * 2**20:
+            raise ValueError("bad safetensors header size")
+        header = json.loads(f.read(size))
+    if not isinstance(header, dict):
+        raise ValueError("bad safetensors header")
+    return [k for k in header if k != "__metadata__"]
 
 
 def load_any_model(path: str, dtype: str = "fp16", device: str = "auto", verify: bool = True) -> tuple[nn.Module, Any]:
