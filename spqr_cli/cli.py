@@ -367,21 +367,23 @@ def quantize(
     --nsamples, --seqlen, --seed) and its manifest is stored with the run. Next: `spqr pack OUT --out PACKED`.
     """
     with user_errors():
-        from spqr_cli.core.config import build_config
         from spqr_cli.core.errors import SpQRError
 
-        cfg = build_config(preset, method.value if method else None, wbits=wbits, groupsize=groupsize, beta2=beta2,
-                           stat_bits=stat_bits, outlier_threshold=outlier_threshold,
-                           perm=perm.value if perm else None, percdamp=percdamp, blocksize=blocksize)
         if calib is not None and dataset is not None:
             raise SpQRError("--calib and --dataset both given; use --calib FILE or build the set on the fly "
                             "with --dataset, not both")
+        # Paths first: they need no import of torch (the config below imports the methods, which do).
         check_model_arg(model)
         check_dataset_arg(dataset or "wikitext2", data_dir)
         if calib is not None and not calib.is_file():
             raise SpQRError(f"calibration file {str(calib)!r} not found; make one with `spqr calibrate`")
         if out.exists() and not out.is_dir() or any(p.is_file() for p in out.absolute().parents):
             raise SpQRError(f"--out {out} is a file or lies below one; choose a directory path")
+        from spqr_cli.core.config import build_config
+
+        cfg = build_config(preset, method.value if method else None, wbits=wbits, groupsize=groupsize, beta2=beta2,
+                           stat_bits=stat_bits, outlier_threshold=outlier_threshold,
+                           perm=perm.value if perm else None, percdamp=percdamp, blocksize=blocksize)
         from spqr_cli.core.data import settle_hub_mode
         from spqr_cli.core.models import check_weight_files
 
@@ -409,6 +411,9 @@ def quantize(
         with quant_progress() as progress:
             report = quantize_model(model, cfg, out, ids, calib_set.manifest, device=device.value, restart=restart,
                                     progress=progress)
+        if report.from_saved:
+            console().print(f"{out} already holds this finished run (same model, config and calibration): showing "
+                            "its saved report; pass --restart to quantize again")
         print_quant_report(report, out)
 
 

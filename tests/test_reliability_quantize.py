@@ -34,7 +34,7 @@ def one_line_error(result, message: str) -> None:
     assert result.exit_code == 2, (result.exit_code, result.output, result.stderr)
     assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
     assert "Traceback" not in result.stderr and sum(line.startswith("error:") for line in lines) == 1, result.stderr
-    assert all(line.startswith("quantize: ") for line in lines[:-1]), result.stderr
+    assert all(line.startswith(("quantize: ", "replay: ")) for line in lines[:-1]), result.stderr
     assert lines[-1].startswith("error: ") and message in lines[-1], lines[-1]
 
 

@@ -103,7 +103,11 @@ def load_calibration(path: str | os.PathLike, tokenizer: Any | None = None) -> C
     manifest: dict[str, Any] = dict(metadata)
     for key in _INT_KEYS:
         if key in manifest:
-            manifest[key] = int(manifest[key])
+            try:
+                manifest[key] = int(manifest[key])
+            except ValueError:
+                raise SpQRError(f"{path} has a damaged manifest ({key} = {manifest[key]!r} is not an integer); "
+                                "rebuild it with `spqr calibrate`") from None
     if tokenizer is not None:
         expected = tokenizer_fingerprint(tokenizer)
         if manifest.get("tokenizer_sha256") != expected:

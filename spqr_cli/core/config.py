@@ -121,10 +121,16 @@ class QuantConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> QuantConfig:
+        """Build a config from a preset or a saved ``to_dict()``; anything that is not a mapping of known fields
+        with values of the right type is a ``ConfigError`` (these come from files users edit)."""
+        if not isinstance(d, dict):
+            raise ConfigError(f"a config must be a mapping of fields, got {type(d).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - known
+        unknown = {str(k) for k in d if k not in known}  # (YAML keys may be numbers: compare them as text)
         if unknown:
-            raise ConfigError(f"unknown config keys: {', '.join(sorted(unknown))}")
+            raise ConfigError(f"unknown config keys: {', '.join(sorted(unknown))}; known: {', '.join(sorted(known))}")
+        if not isinstance(d.get("extra", {}), dict):
+            raise ConfigError(f"config field extra = {d['extra']!r} must be a mapping")
         d = dict(d)
         tau = d.get("outlier_threshold")
         if isinstance(tau, str):  # "inf" in saved configs (JSON has no infinity)
@@ -150,9 +156,11 @@ def load_preset(name_or_path: str) -> QuantConfig:
     if not path.is_file():
         raise ConfigError(f"preset {name_or_path!r} not found; available: {', '.join(list_presets())}")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        data = yaml.safe_load(path.read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, RecursionError) as e:
         raise ConfigError(f"preset {str(path)!r} is not readable YAML ({type(e).__name__}); fix it") from None
+    if data is None:  # an empty file: the defaults
+        data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"preset {str(path)!r} must be a mapping of config fields, got {type(data).__name__}")
     data.pop("description", None)

@@ -67,6 +67,9 @@ class QuantReport:
     peak_host_mb: float = 0.0
     device: str = "cpu"
     resumed_from_block: int = 0
+    # True when a finished run was found in the output directory and this is its saved report (nothing ran); not
+    # saved, so that the CLI can say the run was already done instead of showing a 0-second quantization.
+    from_saved: bool = field(default=False, compare=False)
 
     @property
     def avg_bits(self) -> float:
@@ -129,7 +132,7 @@ def _finished_report(out_dir: Path, model_path: str, cfg: QuantConfig, calib_ids
             layers=[LayerReport(**{**r, "shape": tuple(r["shape"])}) for r in saved["layers"]],
             wall_seconds=float(saved["wall_seconds"]), peak_device_mb=float(saved["peak_device_mb"]),
             peak_host_mb=float(saved["peak_host_mb"]), device=str(saved["device"]),
-            resumed_from_block=int(old["num_blocks"]))
+            resumed_from_block=int(old["num_blocks"]), from_saved=True)
     except (OSError, ValueError, KeyError, TypeError, RecursionError):
         return None  # no usable report: re-run (the records are replayed, nothing is quantized again)
     return report
