@@ -227,4 +227,4 @@ def test_finished_run_returns_at_once(quantized_demo, demo_model_path: Path) -> 
     assert json.loads((quantized_demo["quant"] / "report.json").read_text()) == before  # nothing rewritten
 
 
-QUANTIZE_BAD_INPUTS = 7 + 2 + 5 + 6 + 4 + 3 + 2 + 1 + 2  # per test above, in order
+QUANTIZE_BAD_INPUTS = 8 + 5 + 6 + 4 + 3 + 2 + 1 + 2  # per group of tests above, in order (31)
