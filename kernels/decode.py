@@ -69,17 +69,23 @@ def outlier_cols(pw: PackedWeight) -> torch.Tensor:
     return pw.tensors["outlier_col"].long() & 0xFFFF
 
 
-def dequantize_fp16(pw: PackedWeight) -> torch.Tensor:
-    """The fp16 ``[N, K]`` dense weight in original column order, outliers included (= the record's decode)."""
-    w = dequantize_permuted(pw).to(torch.float16)
-    inv = pw.get("perm")
-    if inv is not None:
+def dense_weight(pw: PackedWeight, dtype: torch.dtype) -> torch.Tensor:
+    """The ``[N, K]`` dense weight in original column order, outliers written in: the fp32 decode rounded to
+    ``dtype`` once (fp16: exactly the record's decode; fp32: the exact values, the kernels' test oracle)."""
+    w = dequantize_permuted(pw).to(dtype)
+    perm = pw.get("perm")
+    if perm is not None:
         dense = torch.empty_like(w)
-        dense[:, inv.long()] = w
+        dense[:, perm.long()] = w
         w = dense
     if pw.nnz:
-        w[outlier_rows(pw), outlier_cols(pw)] = pw.tensors["outlier_val"].to(torch.float16)
+        w[outlier_rows(pw), outlier_cols(pw)] = pw.tensors["outlier_val"].to(dtype)
     return w
+
+
+def dequantize_fp16(pw: PackedWeight) -> torch.Tensor:
+    """The fp16 ``[N, K]`` dense weight in original column order, outliers included (= the record's decode)."""
+    return dense_weight(pw, torch.float16)
 
 
 def linear_torch(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:

@@ -11,21 +11,13 @@ from __future__ import annotations
 
 import torch
 
-from .decode import dequantize_permuted, outlier_cols, outlier_rows
+from .decode import dense_weight
 from .layout import PackedWeight
 
 
 def dequantize(pw: PackedWeight) -> torch.Tensor:
     """fp32 ``[N, K]`` weight in original column order with the outliers written in (no fp16 rounding)."""
-    w = dequantize_permuted(pw)
-    perm = pw.get("perm")
-    if perm is not None:
-        dense = torch.empty_like(w)
-        dense[:, perm.long()] = w
-        w = dense
-    if pw.nnz:
-        w[outlier_rows(pw), outlier_cols(pw)] = pw.tensors["outlier_val"].float()
-    return w
+    return dense_weight(pw, torch.float32)
 
 
 def linear_reference(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:

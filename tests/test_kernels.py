@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from spqr_cli.quant.record import QuantizedLayer
-from spqr_kernels import dequantize, matvec, ops, outlier_scatter, reference
+from spqr_kernels import decode, dequantize, matvec, ops, outlier_scatter, reference
 from spqr_kernels.outliers import prepare
 from spqr_kernels.synthetic import random_packed
 
@@ -70,7 +70,7 @@ def test_reference_matches_record(case):
     record = QuantizedLayer.from_packed(pw).dequantize().float()
     # the record rounds the final weight to fp16 once; outliers are exact in both
     assert torch.allclose(ours, record, rtol=2**-10, atol=1e-7)
-    rows, cols = reference.outlier_rows(pw), reference.outlier_cols(pw)
+    rows, cols = decode.outlier_rows(pw), decode.outlier_cols(pw)
     assert torch.equal(ours[rows, cols], rec.outlier_val.float())
 
 

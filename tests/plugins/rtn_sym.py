@@ -9,24 +9,15 @@ from __future__ import annotations
 import torch
 
 from spqr_cli.core.config import QuantConfig
-from spqr_cli.quant.grid import GroupStats, make_record
 from spqr_cli.quant.methods import QuantMethod
+from spqr_cli.quant.methods.rtn import quantize_rtn
 from spqr_cli.quant.record import QuantizedLayer
 
 
 def quantize(weight: torch.Tensor, hessian: None, cfg: QuantConfig) -> QuantizedLayer:
-    """Each group of columns on the grid ``s * (q - (maxq + 1) / 2)``, ``s`` spanning the group's absolute max."""
-    n, k = weight.shape
-    gs = cfg.group_size_for(k)
-    sym = cfg.replace(sym=True)
-    w = weight.detach().float()
-    codes = torch.empty(n, k, dtype=torch.uint8, device=w.device)
-    groups = []
-    for g0 in range(0, k, gs):
-        stats = GroupStats(w[:, g0 : g0 + gs], sym, holds_zero=False)
-        codes[:, g0 : g0 + gs] = stats.quantize(w[:, g0 : g0 + gs])
-        groups.append(stats)
-    return make_record(cfg, n, k, gs, codes, groups, None, None, None)
+    """Each group of columns on the grid ``s * (q - (maxq + 1) / 2)``, ``s`` spanning the group's absolute max:
+    RTN's loop with the symmetric grid of ``quant/grid.py``."""
+    return quantize_rtn(weight, hessian, cfg.replace(sym=True))
 
 
 METHOD = QuantMethod(
