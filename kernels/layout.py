@@ -102,6 +102,24 @@ def formula_bits(wbits: int, groupsize: int, beta2: int, stat_bits: int, out_fea
     return wbits + stats + 32.0 * outlier_fraction + perm
 
 
+def packed_nbytes(wbits: int, groupsize: int, beta2: int, stat_bits: int, out_features: int, in_features: int,
+                  nnz: int = 0, has_perm: bool = False) -> int:
+    """Bytes of a layer's packed tensors (the table in the module docstring): what ``PackedWeight.nbytes`` counts
+    and ``spqr inspect`` reports as measured bits, known before quantizing (``--target-bits`` budgets with it).
+
+    Unlike ``formula_bits`` it counts the storage as laid out: codes in whole int32 words (``32 // bits`` each, so
+    3-bit codes take 3.2 bits), the CSR row pointers and a 32-bit permutation index per input column.
+    """
+    n, k = out_features, in_features
+    words = k * -(-n // codes_per_word(wbits))
+    groups = k // groupsize
+    if stat_bits == 16:
+        stats = 2 * 2 * groups * n
+    else:
+        stats = 2 * 4 * groups * -(-n // codes_per_word(stat_bits)) + 2 * 2 * 2 * groups * -(-n // max(beta2, 1))
+    return 4 * words + stats + 4 * (n + 1) + 4 * nnz + (4 * k if has_perm else 0)
+
+
 @dataclass
 class PackedWeight:
     """One layer's packed buffers plus its shape metadata (see the module docstring for the layout)."""

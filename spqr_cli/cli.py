@@ -340,6 +340,10 @@ def quantize(
     outlier_threshold: Annotated[float | None, typer.Option(
         "--outlier-threshold", help="Outlier threshold tau (relative); inf disables outliers.",
         show_default=False)] = None,
+    target_bits: Annotated[float | None, typer.Option(
+        "--target-bits", help="Bits per weight each layer may take, measured from its packed bytes (what `spqr "
+        "inspect` reports): instead of one tau, every layer keeps as many outliers as fit (spqr only; ~9 "
+        "quantizations per layer).", show_default=False)] = None,
     perm: Annotated[Perm | None, typer.Option("--perm", help="Column order: act_order or identity.",
                                               show_default=False)] = None,
     percdamp: Annotated[float | None, typer.Option(
@@ -383,7 +387,7 @@ def quantize(
 
         cfg = build_config(preset, method.value if method else None, wbits=wbits, groupsize=groupsize, beta2=beta2,
                            stat_bits=stat_bits, outlier_threshold=outlier_threshold,
-                           perm=perm.value if perm else None, percdamp=percdamp, blocksize=blocksize)
+                           target_bits=target_bits, perm=perm.value if perm else None, percdamp=percdamp, blocksize=blocksize)
         from spqr_cli.core.data import settle_hub_mode
         from spqr_cli.core.models import check_weight_files
 

@@ -40,6 +40,8 @@ class QuantConfig:
     ``beta2`` is the number of rows whose first-level statistics share one second-level (fp16) scale/zero.
     ``stat_bits`` is the width of the quantized first-level scale and zero; 16 keeps them in fp16 (GPTQ/RTN).
     ``outlier_threshold`` is τ, relative to the group's baseline error; ``inf`` disables outliers.
+    ``target_bits`` (optional) replaces the fixed τ with a per-layer one: each layer keeps as many outliers as fit
+    in that many bits per weight, measured from its packed bytes (``spqr_kernels.layout.packed_nbytes``).
     """
 
     method: str = "spqr"
@@ -52,6 +54,7 @@ class QuantConfig:
     percdamp: float = 1.0
     blocksize: int = 128
     sym: bool = False
+    target_bits: float | None = None
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
@@ -77,6 +80,13 @@ class QuantConfig:
                               "outliers)")
         if not math.isfinite(self.percdamp):
             raise ConfigError(f"--percdamp {self.percdamp} must be a finite number > 0")
+        if self.target_bits is not None:
+            tb = self.target_bits
+            if isinstance(tb, bool) or not isinstance(tb, (int, float)) or not math.isfinite(tb) or tb <= 0:
+                raise ConfigError(f"--target-bits {tb!r} must be a number of bits per weight > 0, e.g. 4.0")
+            if not get_method(self.method).outliers:
+                raise ConfigError(f"--target-bits chooses how many outliers each layer keeps; method {self.method!r} "
+                                  "has none (use --method spqr, or set --wbits/--groupsize for the size you want)")
 
     def _check_types(self) -> None:
         """Every field has its declared type (values from YAML or JSON may not): ints are ints (not bools or
@@ -117,6 +127,8 @@ class QuantConfig:
             d["outlier_threshold"] = "inf"
         if not d["extra"]:
             d.pop("extra")
+        if d["target_bits"] is None:  # absent, as in configs saved before the field existed (same fingerprint)
+            d.pop("target_bits")
         return d
 
     @classmethod

@@ -170,10 +170,67 @@ def quantize_obs(weight: torch.Tensor, hessian: torch.Tensor, cfg: QuantConfig, 
     return make_record(cfg, n, k, gs, codes, groups, perm, outlier, outlier_val)
 
 
+# --------------------------------------------------------------------------------------------------------------
+# a bit budget instead of a fixed threshold
+
+BUDGET_PROBES = 9  # quantizations per layer under --target-bits: tau within ~2% of the budget's (see fit_budget)
+
+
+def outlier_budget(cfg: QuantConfig, n: int, k: int) -> int:
+    """Outliers an ``[n, k]`` layer can keep within ``cfg.target_bits`` measured bits per weight (packed bytes,
+    ``spqr_kernels.layout.packed_nbytes``: 4 bytes each, a 16-bit column and an fp16 value).
+
+    Raises ``SpQRError`` when the layer does not fit the budget even without outliers."""
+    from spqr_kernels.layout import packed_nbytes
+
+    base = packed_nbytes(cfg.wbits, cfg.group_size_for(k), cfg.beta2, cfg.stat_bits, n, k, 0, cfg.has_perm)
+    budget = cfg.target_bits * n * k / 8
+    if base > budget:
+        raise SpQRError(f"--target-bits {cfg.target_bits:g} is below what a {n}x{k} layer takes without any outlier "
+                        f"({8 * base / (n * k):.3f} bits measured with {cfg.wbits}-bit codes, groups of "
+                        f"{cfg.group_size_for(k)}, {cfg.stat_bits}-bit statistics); raise it, or lower --wbits / "
+                        f"--stat-bits or raise --groupsize")
+    return int((budget - base) // 4)
+
+
+def fit_budget(weight: torch.Tensor, hessian: torch.Tensor, cfg: QuantConfig) -> QuantizedLayer:
+    """SpQR with the layer's own threshold: the smallest τ whose outliers fit ``outlier_budget``.
+
+    More outliers never hurt the layer's error, so the best layer under a budget keeps as many as fit. The
+    outlier count falls as τ rises (not strictly: error feedback moves the weights), so this bisects log τ over
+    [τ₀/64, 64 τ₀] (τ₀: the config's threshold, or the default 0.2 if it is inf) with ``BUDGET_PROBES`` full
+    quantizations and keeps the last record that fits; if none does, the layer gets no outliers. Each probe is the
+    whole column loop, so a budgeted run costs ~9x a fixed-τ one in the loop (the Hessians are computed once).
+    """
+    n, k = weight.shape
+    allowed = outlier_budget(cfg, n, k)
+    tau0 = cfg.outlier_threshold if math.isfinite(cfg.outlier_threshold) else QuantConfig.outlier_threshold
+    lo, hi = math.log(tau0 / 64), math.log(tau0 * 64)
+    best = None
+    for _ in range(BUDGET_PROBES):
+        mid = (lo + hi) / 2
+        rec = quantize_obs(weight, hessian, cfg.replace(outlier_threshold=math.exp(mid)), outliers=True,
+                           holds_zero=False)
+        if rec.nnz <= allowed:
+            best, hi = rec, mid  # fits: try a lower threshold (more outliers)
+        else:
+            lo = mid
+    if best is None:
+        best = quantize_obs(weight, hessian, cfg, outliers=False, holds_zero=False)
+    return best
+
+
+def quantize_spqr(weight: torch.Tensor, hessian: torch.Tensor, cfg: QuantConfig) -> QuantizedLayer:
+    """The method's entry point: a fixed τ, or the layer's own τ under ``cfg.target_bits``."""
+    if cfg.target_bits is not None:
+        return fit_budget(weight, hessian, cfg)
+    return quantize_obs(weight, hessian, cfg, outliers=True, holds_zero=False)
+
+
 METHOD = QuantMethod(
     name="spqr",
     summary="SpQR: GPTQ column updates, 3-bit bilevel group statistics, fp16 outliers",
-    quantize=lambda weight, hessian, cfg: quantize_obs(weight, hessian, cfg, outliers=True, holds_zero=False),
+    quantize=quantize_spqr,
     needs_hessian=True,
     permutes=True,
     outliers=True,
