@@ -113,3 +113,27 @@ def test_cli_target_bits_measured_by_inspect(tmp_path, demo_model_path):
                                   "2.5", "--dataset", f"file:{DEMO_CALIB}", "--nsamples", "2", "--seqlen", "32",
                                   "--device", "cpu"], terminal_width=200)
     assert too_low.exit_code == 2 and "--target-bits 2.5 is below" in too_low.output
+
+
+def test_model_bits_match_packed_layers():
+    """``QuantConfig.model_bits`` (what ``spqr presets`` shows) equals the bytes of real packed layers of the shapes."""
+    cfg = QuantConfig()  # spqr-3.9bit's values
+    h, i = 64, 160
+    shapes = [(h, h)] * 4 + [(i, h)] * 2 + [(h, i)]
+    layers = [random_packed(n, k, outlier_fraction=0.0, seed=j) for j, (n, k) in enumerate(shapes)]
+    params = sum(n * k for n, k in shapes)
+    measured = 8 * sum(pw.nbytes() for pw in layers) / params
+    formula = sum(pw.formula_bits() * pw.out_features * pw.in_features for pw in layers) / params
+    assert cfg.model_bits(h, i) == pytest.approx((formula, measured))
+
+
+def test_presets_command_shows_bits():
+    from typer.testing import CliRunner
+
+    from spqr_cli.cli import app
+
+    shown = CliRunner().invoke(app, ["presets"], terminal_width=250)
+    assert shown.exit_code == 0, shown.output
+    row = next(line for line in shown.output.splitlines() if "spqr-3.9bit" in line)
+    f, m = QuantConfig().model_bits()
+    assert f"{f:.2f} / {m:.2f}" in row
