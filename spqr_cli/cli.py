@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import os
 import sys
 import warnings
@@ -706,6 +707,86 @@ def presets() -> None:
             cells = [f"{f:.2f} / {m:.2f}" for f, m in (cfg.model_bits(), cfg.model_bits(outlier_fraction=0.01))]
             table.add_row(name, cells[0], cells[1] if cfg.has_outliers else "-", str(data.get("description", "")))
         console().print(table)
+
+
+@app.command()
+def sweep(
+    model: Annotated[str, typer.Argument(help="Model directory or hub id to quantize at every budget.")],
+    bits: Annotated[str, typer.Option("--bits", help="Comma-separated budgets in bits per weight, measured from "
+                                      "the packed bytes (as `spqr inspect` reports them).")] = "3.5,4,4.5,5",
+    methods: Annotated[str, typer.Option("--methods", help="Comma-separated methods: spqr (outliers fill each "
+                                         "budget: --target-bits), gptq, rtn (the largest grid size within each "
+                                         "budget).")] = "spqr,gptq,rtn",
+    datasets: Annotated[str, typer.Option("--datasets", help=f"Comma-separated test sets. {DatasetHelp}")]
+    = "wikitext2",
+    calib_dataset: Annotated[str, typer.Option("--calib-dataset", help="Calibration text (same windows for every "
+                                               "point).")] = "wikitext2",
+    nsamples: Annotated[int, typer.Option("--nsamples", "-n", min=1, help="Calibration windows.")] = 128,
+    seqlen: Annotated[int | None, typer.Option(
+        "--seqlen", "-l", min=2, help="Tokens per calibration and test window. Default: 2048 capped by the model's "
+        "context.", show_default=False)] = None,
+    max_windows: Annotated[int | None, typer.Option(
+        "--max-windows", min=1, help="Test windows per dataset. Default: all.", show_default=False)] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the calibration windows.")] = 0,
+    work_dir: Annotated[Path, typer.Option("--work-dir", help="Where each point's quantization and packed "
+                                           "checkpoint are kept (a re-run reuses finished ones).")] = Path("sweep"),
+    json_path: Annotated[Path | None, typer.Option("--json", help="Write the table as JSON here.",
+                                                   show_default=False)] = None,
+    plot: Annotated[Path | None, typer.Option("--plot", help="Write the plot (PNG) here: perplexity increase vs "
+                                              "measured bits, a line per method (needs matplotlib: "
+                                              "`pip install -e \".\\[plot]\"`).", show_default=False)] = None,
+    data_dir: DataDirOpt = None,
+    device: DeviceOpt = Device.auto,
+) -> None:
+    """Quality per bit: quantize MODEL with each method at each bit budget, pack, and measure perplexity; a table,
+    JSON and a plot of perplexity increase vs measured bits (the figure to choose a method and a size by)."""
+    with user_errors():
+        from spqr_cli.core.errors import SpQRError
+
+        check_model_arg(model)
+        names = [d.strip() for d in datasets.split(",") if d.strip()]
+        for d in [*names, calib_dataset]:
+            check_dataset_arg(d, data_dir)
+        check_output_file(json_path, "--json")
+        check_output_file(plot, "--plot")
+        try:
+            budgets = [float(b) for b in bits.split(",") if b.strip()]
+        except ValueError:
+            raise SpQRError(f"--bits {bits!r} must be comma-separated numbers, e.g. 3.5,4,4.5") from None
+        if not budgets or any(not math.isfinite(b) or b <= 0 for b in budgets):
+            raise SpQRError(f"--bits {bits!r} must be comma-separated numbers > 0, e.g. 3.5,4,4.5")
+        from spqr_cli.bench.sweep import SWEEP_METHODS
+
+        chosen = [m.strip() for m in methods.split(",") if m.strip()]
+        unknown = [m for m in chosen if m not in SWEEP_METHODS]
+        if unknown or not chosen:
+            raise SpQRError(f"--methods {methods!r}: choose from {', '.join(SWEEP_METHODS)}")
+        from spqr_cli.core.data import settle_hub_mode
+
+        settle_hub_mode(model)
+        from rich.table import Table
+
+        from spqr_cli.bench.sweep import run_sweep, sweep_rows, write_sweep
+        from spqr_cli.core.calibrate import build_calibration_set
+        from spqr_cli.core.evaluate import default_seqlen
+        from spqr_cli.core.models import load_config, load_tokenizer
+
+        length = default_seqlen(load_config(model), seqlen)
+        calib = build_calibration_set(load_tokenizer(model), calib_dataset, nsamples=nsamples, seqlen=length,
+                                      seed=seed, data_dir=data_dir, model=model)
+        result = run_sweep(model, chosen, budgets, calib.input_ids, calib.manifest, names, work_dir,
+                           device=device.value, seqlen=length, max_windows=max_windows, data_dir=data_dir,
+                           log=lambda m: console().print(m))
+        table = Table(title=f"quality per bit: {model}")
+        for col in ("method", "budget", "bits (measured)", "outliers", *names):
+            table.add_column(col, justify="left" if col == "method" else "right")
+        for row in sweep_rows(result):
+            table.add_row(*row)
+        console().print(table)
+        write_sweep(result, json_path, plot)
+        for path in (json_path, plot):
+            if path is not None:
+                typer.echo(f"wrote {path}")
 
 
 def main() -> None:

@@ -1,0 +1,193 @@
+"""Quality per bit: quantize one model at several bit budgets with several methods, measure, tabulate and plot.
+
+``spqr sweep`` is the figure a user looks at before choosing a method and a size: perplexity increase over fp16
+against the bits per weight *measured from the packed checkpoint* (``spqr inspect``'s figure, not the formula), one
+line per method, on the same calibration windows and test windows for every point.
+
+How a budget ``B`` becomes a config, per method:
+
+- ``spqr``: 3-bit codes with 16x16 groups and 3-bit statistics (``spqr-3.9bit``), or 4-bit codes (``spqr-4.6bit``)
+  when the budget covers them, with ``target_bits = B``: every layer keeps as many outliers as fit (the budget is
+  met to ~0.01 bits).
+- ``gptq`` and ``rtn``: their sizes are discrete, so the grid of ``wbits`` 2-8 x ``groupsize`` per-channel, 128,
+  64, 32, 16 (fp16 statistics) is searched for the largest measured size ``<= B`` on this model's layer shapes.
+
+A budget a method cannot meet is reported as skipped, not silently moved.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from spqr_cli.core.config import QuantConfig, load_preset
+from spqr_cli.core.errors import SpQRError
+from spqr_cli.core.io import atomic_path, write_json
+
+SWEEP_METHODS = ("spqr", "gptq", "rtn")
+_GRID_BITS = (2, 3, 4, 5, 6, 8)
+_GRID_GROUPS = (0, 128, 64, 32, 16)
+
+
+@dataclass
+class SweepPoint:
+    """One quantized model of the sweep: what was asked, what it measures, what it scores."""
+
+    method: str
+    budget: float
+    config: dict[str, Any] | None
+    bits_measured: float = math.nan
+    bits_formula: float = math.nan
+    outlier_pct: float = 0.0
+    perplexity: dict[str, float] = field(default_factory=dict)
+    increase_pct: dict[str, float] = field(default_factory=dict)
+    seconds: float = 0.0
+    skipped: str | None = None
+
+
+def _shapes(model_config: Any) -> list[tuple[int, int]]:
+    """``(out, in)`` of a LLaMA-style block's linear layers (q/k/v/o, gate/up, down; grouped-query k/v narrower)."""
+    h, i = model_config.hidden_size, model_config.intermediate_size
+    heads = model_config.num_attention_heads
+    kv = getattr(model_config, "num_key_value_heads", None) or heads
+    head_dim = getattr(model_config, "head_dim", None) or h // heads
+    return [(h, h), (kv * head_dim, h), (kv * head_dim, h), (h, h), (i, h), (i, h), (h, i)]
+
+
+def _measured_bits(cfg: QuantConfig, shapes: Sequence[tuple[int, int]]) -> float:
+    from spqr_kernels.layout import packed_nbytes
+
+    nbytes = sum(packed_nbytes(cfg.wbits, cfg.group_size_for(k), cfg.beta2, cfg.stat_bits, n, k, 0, cfg.has_perm)
+                 for n, k in shapes)
+    return 8 * nbytes / sum(n * k for n, k in shapes)
+
+
+def config_for_budget(method: str, budget: float, shapes: Sequence[tuple[int, int]]) -> QuantConfig | None:
+    """The config ``method`` runs at ``budget`` measured bits on layers of ``shapes`` (module docstring), or
+    ``None`` when even its smallest size does not fit."""
+    if method == "spqr":
+        four = load_preset("spqr-4.6bit")
+        base = load_preset("spqr-3.9bit") if budget < _measured_bits(four, shapes) + 0.05 else four
+        if _measured_bits(base, shapes) > budget:
+            return None
+        return base.replace(target_bits=float(budget))
+    if method not in SWEEP_METHODS:
+        raise SpQRError(f"unknown sweep method {method!r}; choose from {', '.join(SWEEP_METHODS)}")
+    template = load_preset(f"{method}-4bit-g128")
+    fits = []
+    for wbits in _GRID_BITS:
+        for gs in _GRID_GROUPS:
+            if gs and any(k % gs for _, k in shapes):
+                continue
+            cfg = template.replace(wbits=wbits, groupsize=gs)
+            bits = _measured_bits(cfg, shapes)
+            if bits <= budget:
+                fits.append((bits, -gs if gs else -10**9, cfg))  # ties: the smaller groups (finer statistics)
+    return max(fits, key=lambda f: (f[0], f[1]))[2] if fits else None
+
+
+def run_sweep(
+    model: str, methods: Sequence[str], budgets: Sequence[float], calib_ids: torch.Tensor,
+    calib_manifest: dict[str, Any], datasets: Sequence[str], work_dir: str | Path, *, device: str = "auto",
+    seqlen: int | None = None, max_windows: int | None = None, data_dir: str | None = None,
+    log: Callable[[str], None] = lambda _m: None,
+) -> dict[str, Any]:
+    """Quantize, pack and evaluate ``model`` for every (method, budget); returns ``{"fp16": ..., "points": ...}``.
+
+    Each point's quantization and packed checkpoint go to ``work_dir/<method>-<budget>`` (kept, so a sweep that
+    stops can be re-run: finished quantizations are found and not repeated, as ``spqr quantize`` does).
+    """
+    from spqr_cli.core.evaluate import evaluate_path
+    from spqr_cli.core.models import load_config
+    from spqr_cli.format.inspect import inspect_packed
+    from spqr_cli.format.pack import pack_model
+    from spqr_cli.quant.driver import quantize_model
+
+    for m in methods:
+        if m not in SWEEP_METHODS:
+            raise SpQRError(f"unknown sweep method {m!r}; choose from {', '.join(SWEEP_METHODS)}")
+    shapes = _shapes(load_config(model))
+    work = Path(work_dir)
+
+    def scores(path: str) -> dict[str, float]:
+        return {d: evaluate_path(path, d, device=device, seqlen=seqlen, max_windows=max_windows,
+                                 data_dir=data_dir).perplexity for d in datasets}
+
+    fp16 = scores(model)
+    log(f"fp16: {fp16}")
+    points = []
+    for method in methods:
+        for budget in budgets:
+            cfg = config_for_budget(method, budget, shapes)
+            if cfg is None:
+                points.append(SweepPoint(method, budget, None, skipped=f"{method}'s smallest size is above {budget:g} "
+                                                                      "bits on these layer shapes"))
+                log(f"{method} @ {budget:g}: skipped ({points[-1].skipped})")
+                continue
+            log(f"{method} @ {budget:g} bits: quantizing ({', '.join(f'{k}={v}' for k, v in cfg.to_dict().items())})")
+            t = time.perf_counter()
+            quant, packed = work / f"{method}-{budget:g}", work / f"{method}-{budget:g}-packed"
+            quantize_model(model, cfg, quant, calib_ids, calib_manifest, device=device)
+            if not (packed / "spqr_config.json").is_file():
+                pack_model(quant, packed)
+            info = inspect_packed(packed)["totals"]
+            ppl = scores(str(packed))
+            point = SweepPoint(method, budget, cfg.to_dict(), info["quantized_bits_measured"],
+                               info["quantized_bits_formula"], info["outlier_pct"], ppl,
+                               {d: 100.0 * (ppl[d] / fp16[d] - 1) for d in datasets}, time.perf_counter() - t)
+            points.append(point)
+            log(f"{method} @ {budget:g}: {point.bits_measured:.3f} bits, " +
+                ", ".join(f"{d} {ppl[d]:.3f} (+{point.increase_pct[d]:.2f}%)" for d in datasets))
+    return {"model": model, "datasets": list(datasets), "seqlen": seqlen, "max_windows": max_windows,
+            "calibration": calib_manifest, "fp16": fp16, "points": [asdict(p) for p in points]}
+
+
+def write_sweep(result: dict[str, Any], json_path: Path | None, plot_path: Path | None) -> None:
+    """The sweep's JSON and its plot (perplexity increase vs measured bits, one line per method, one panel per
+    dataset); both written atomically. The plot needs matplotlib (``pip install -e ".[plot]"``)."""
+    if json_path is not None:
+        write_json(result, json_path)
+    if plot_path is None:
+        return
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise SpQRError('--plot needs matplotlib: pip install -e ".[plot]" (or leave out --plot)') from None
+    datasets = result["datasets"]
+    fig, axes = plt.subplots(1, len(datasets), figsize=(5.5 * len(datasets), 4.2), squeeze=False)
+    for ax, d in zip(axes[0], datasets, strict=True):
+        for method in dict.fromkeys(p["method"] for p in result["points"]):
+            pts = sorted((p["bits_measured"], p["increase_pct"][d]) for p in result["points"]
+                         if p["method"] == method and not p["skipped"])
+            if pts:
+                ax.plot(*zip(*pts, strict=True), marker="o", label=method)
+        ax.set_title(f"{Path(result['model']).name}: {Path(d.removeprefix('file:')).name}")
+        ax.set_xlabel("bits per weight (measured, packed)")
+        ax.set_ylabel(f"perplexity increase over fp16 {result['fp16'][d]:.3f} (%)")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    with atomic_path(plot_path) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
+    plt.close(fig)
+
+
+def sweep_rows(result: dict[str, Any]) -> list[list[str]]:
+    """Table rows: method, budget, measured bits, outliers, then perplexity (+increase) per dataset."""
+    rows = [["fp16", "", "16", "", *(f"{result['fp16'][d]:.3f}" for d in result["datasets"])]]
+    for p in result["points"]:
+        if p["skipped"]:
+            rows.append([p["method"], f"{p['budget']:g}", "skipped", "", *["" for _ in result["datasets"]]])
+            continue
+        rows.append([p["method"], f"{p['budget']:g}", f"{p['bits_measured']:.3f}", f"{p['outlier_pct']:.2f}%",
+                     *(f"{p['perplexity'][d]:.3f} (+{p['increase_pct'][d]:.2f}%)" for d in result["datasets"])])
+    return rows
