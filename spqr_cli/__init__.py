@@ -36,9 +36,22 @@ _API = {
     "inspect_packed": "spqr_cli.format.inspect",
     "load_packed": "spqr_cli.runtime.loader",
     "SpQRLinear": "spqr_cli.runtime.linear",
+    "export_hf_spqr": "spqr_cli.format.hf_spqr",
+    "import_hf_spqr": "spqr_cli.format.hf_spqr",
     "generate": "spqr_cli.runtime.generation",
     "run_model": "spqr_cli.runtime.generation",
 }
+
+
+def _register_with_transformers() -> None:
+    """Make ``AutoModelForCausalLM.from_pretrained(PACKED_DIR)`` work after ``import spqr_cli``, lazily: the
+    ``spqr-cli`` quantizer is registered when transformers' quantizer registry is imported (``runtime/hf_hook``)."""
+    from spqr_cli.runtime.hf_hook import install
+
+    install()
+
+
+_register_with_transformers()
 
 
 def __getattr__(name: str) -> Any:

@@ -99,7 +99,9 @@ def test_pack_layout_and_copied_files(packed_dir: Path, quant_dir: Path) -> None
     assert cfg["quant_config"] == QuantConfig().to_dict()
     assert len(cfg["shards"]) > 1 and all((packed_dir / s).is_file() for s in cfg["shards"])
     assert cfg["shards"][0] == f"model-00001-of-{len(cfg['shards']):05d}.safetensors"
-    assert (packed_dir / "config.json").read_bytes() == (quant_dir / "dense" / "config.json").read_bytes()
+    model_cfg = json.loads((packed_dir / "config.json").read_text())  # the model's config + transformers' entry
+    assert model_cfg.pop("quantization_config")["quant_method"] == "spqr-cli"
+    assert model_cfg == json.loads((quant_dir / "dense" / "config.json").read_text())
     assert "lm_head.weight" not in cfg["dense_tensors"]  # tied: stored once
     assert "model.embed_tokens.weight" in cfg["dense_tensors"]
     assert len(cfg["layers"]) == 2 * 7

@@ -46,6 +46,10 @@ from spqr_cli.format.checkpoint import (
     tensor_info,
 )
 from spqr_cli.quant.record import QuantizedLayer, load_records
+from spqr_kernels.layout import PackedWeight
+
+HF_QUANT_METHOD = "spqr-cli"  # transformers' quant_method of packed checkpoints (runtime/hf_quantizer.py)
+INDEX_NAME = "model.safetensors.index.json"
 
 
 @contextlib.contextmanager
@@ -138,7 +142,7 @@ class _ShardWriter:
 class _DenseCheckpoint:
     """Lazy name -> tensor access over a HF safetensors checkpoint (single file or index + shards)."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, fix: str = "re-run `spqr quantize`") -> None:
         from safetensors import safe_open
 
         index = directory / "model.safetensors.index.json"
@@ -146,17 +150,17 @@ class _DenseCheckpoint:
             weight_map = read_json(index, "Hugging Face checkpoint").get("weight_map")
             if not isinstance(weight_map, dict) or not all(isinstance(v, str) and "/" not in v
                                                            for v in weight_map.values()):
-                raise SpQRError(f"{index} has no valid weight_map; re-run `spqr quantize`")
+                raise SpQRError(f"{index} has no valid weight_map; {fix}")
         elif (directory / "model.safetensors").is_file():
             try:
                 with safe_open(str(directory / "model.safetensors"), framework="pt") as f:
                     weight_map = {k: "model.safetensors" for k in f.keys()}  # noqa: SIM118
             except Exception as e:  # safetensors raises several types on damaged headers/truncation
                 raise SpQRError(f"{directory}/model.safetensors is corrupted or truncated ({short_error(e)}); "
-                                "re-run `spqr quantize`") from None
+                                f"{fix}") from None
         else:
             raise SpQRError(f"{directory} holds no model.safetensors; the quantization output is incomplete")
-        self.directory, self.weight_map = directory, weight_map
+        self.directory, self.weight_map, self.fix = directory, weight_map, fix
         self._handles: dict[str, Any] = {}
 
     def get(self, name: str) -> torch.Tensor:
@@ -169,7 +173,7 @@ class _DenseCheckpoint:
             return self._handles[file].get_tensor(name)
         except Exception as e:  # truncated or damaged shard, missing file
             raise SpQRError(f"cannot read {name} from {self.directory / file} ({short_error(e)}); the "
-                            "quantization output is damaged, re-run `spqr quantize`") from None
+                            f"checkpoint is damaged, {self.fix}") from None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -222,34 +226,77 @@ def pack_model(quant_dir: str | Path, out_dir: str | Path, shard_size_mb: int = 
                 t = t.to(torch.float16)
             dense_meta[tname] = tensor_info(t)
             writer.add(tname, t)
-        shard_of = writer.close()
-        for name, meta in layers.items():
-            for tname, info in meta["tensors"].items():
-                info["shard"] = shard_of[f"{name}.{tname}"]
-        for tname, info in dense_meta.items():
-            info["shard"] = shard_of[tname]
-
-        for fname in all_files:
-            shutil.copyfile(dense_dir / fname, tmp / fname)
-            if file_sha256(tmp / fname) != all_files[fname]:
-                raise SpQRError(f"{dense_dir / fname} changed while packing; run `spqr pack` again")
-        cfg: dict[str, Any] = {
-            "format": FORMAT_NAME,
-            "format_version": FORMAT_VERSION,
-            "source_model": qcfg.get("model"),
-            "family": qcfg.get("family"),
-            "quant_config": qcfg.get("config", {}),
-            "model_fingerprint": model_fingerprint(model_config),
-            "config_json_sha256": all_files["config.json"],
-            "files_sha256": files,
-            "shards": sorted(set(shard_of.values())),
-            "layers": layers,
-            "dense_tensors": dense_meta,
-        }
-        cfg["checksum"] = config_checksum(cfg)
-        (tmp / CONFIG_NAME).write_text(json.dumps(cfg, indent=1) + "\n")
+        cfg = finish_packed(tmp, writer, dense_dir, model_config, all_files, layers, dense_meta,
+                            {"source_model": qcfg.get("model"), "family": qcfg.get("family"),
+                             "quant_config": qcfg.get("config", {})})
     return {"out_dir": str(out_dir), "layers": len(layers), "dense_tensors": len(dense_meta),
             "shards": cfg["shards"], "bytes": sum((out_dir / s).stat().st_size for s in cfg["shards"])}
+
+
+def finish_packed(tmp: Path, writer: _ShardWriter, src_dir: Path, model_config: dict[str, Any],
+                  all_files: dict[str, str], layers: dict[str, dict[str, Any]], dense_meta: dict[str, dict[str, Any]],
+                  source: dict[str, Any]) -> dict[str, Any]:
+    """Close the shards and write the rest of a packed directory into ``tmp``: the model files of ``src_dir``
+    (``all_files``: their sha256, hashed before the shards were written), config.json with the
+    ``quantization_config``, the shard index, and spqr_config.json. ``pack`` and ``spqr import`` share it."""
+    shard_of = writer.close()
+    for name, meta in layers.items():
+        for tname, info in meta["tensors"].items():
+            info["shard"] = shard_of[f"{name}.{tname}"]
+    for tname, info in dense_meta.items():
+        info["shard"] = shard_of[tname]
+    files = {f: h for f, h in all_files.items() if f != "config.json"}  # config.json: config_json_sha256
+    for fname in files:
+        shutil.copyfile(src_dir / fname, tmp / fname)
+        if file_sha256(tmp / fname) != all_files[fname]:
+            raise SpQRError(f"{src_dir / fname} changed while packing; run the command again")
+    if file_sha256(src_dir / "config.json") != all_files["config.json"]:
+        raise SpQRError(f"{src_dir / 'config.json'} changed while packing; run the command again")
+    (tmp / "config.json").write_text(json.dumps(_packed_model_config(model_config), indent=2) + "\n")
+    chmod_like_open(tmp / "config.json")
+    shards = sorted(set(shard_of.values()))
+    if len(shards) > 1:  # transformers finds multi-shard weights through the standard index
+        index = {"metadata": {"format": FORMAT_NAME}, "weight_map": dict(sorted(shard_of.items()))}
+        (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+        chmod_like_open(tmp / INDEX_NAME)
+    cfg: dict[str, Any] = {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "source_model": source.get("source_model"),
+        "family": source.get("family"),
+        "quant_config": source.get("quant_config", {}),
+        "model_fingerprint": model_fingerprint(model_config),
+        "config_json_sha256": file_sha256(tmp / "config.json"),
+        "files_sha256": files,
+        "shards": shards,
+        "layers": layers,
+        "dense_tensors": dense_meta,
+    }
+    cfg["checksum"] = config_checksum(cfg)
+    (tmp / CONFIG_NAME).write_text(json.dumps(cfg, indent=1) + "\n")
+    return cfg
+
+
+def _packed_model_config(model_config: dict[str, Any]) -> dict[str, Any]:
+    """The dense model's config.json plus the ``quantization_config`` that routes transformers'
+    ``from_pretrained`` to the ``spqr-cli`` quantizer (``runtime/hf_quantizer``; the per-layer metadata stays in
+    spqr_config.json). Any quantization_config of the source model is replaced: its weights are ours now."""
+    return {**{k: v for k, v in model_config.items() if k != "quantization_config"},
+            "quantization_config": hf_quantization_config()}
+
+
+def hf_quantization_config() -> dict[str, Any]:
+    """The ``quantization_config`` entry of a packed config.json."""
+    return {"quant_method": HF_QUANT_METHOD, "format": FORMAT_NAME, "format_version": FORMAT_VERSION}
+
+
+def _dense_model_config(config_path: Path) -> str:
+    """A packed config.json without the ``quantization_config`` that ``pack`` added: the unpacked checkpoint is a
+    plain fp16 model (transformers would otherwise route it to the spqr-cli quantizer)."""
+    cfg = read_json(config_path, "packed checkpoint")
+    if (cfg.get("quantization_config") or {}).get("quant_method") != HF_QUANT_METHOD:
+        return config_path.read_text()
+    return json.dumps({k: v for k, v in cfg.items() if k != "quantization_config"}, indent=2) + "\n"
 
 
 def _pack_layer(name: str, rec: QuantizedLayer, dense: _DenseCheckpoint, writer: _ShardWriter) -> dict[str, Any]:
@@ -259,7 +306,11 @@ def _pack_layer(name: str, rec: QuantizedLayer, dense: _DenseCheckpoint, writer:
         if shape != (rec.out_features, rec.in_features):
             raise SpQRError(f"record {name} has shape {(rec.out_features, rec.in_features)} but the dense "
                             f"checkpoint has {shape}; the quantization directory is inconsistent")
-    pw = rec.pack()
+    return add_packed_layer(name, rec.pack(), writer)
+
+
+def add_packed_layer(name: str, pw: PackedWeight, writer: _ShardWriter) -> dict[str, Any]:
+    """Queue one layer's packed tensors (header copy of its scalars included); return its spqr_config entry."""
     meta: dict[str, Any] = {**pw.meta(), "nnz": pw.nnz, "has_perm": "perm" in pw.tensors, "tensors": {}}
     scalars = layer_scalars(meta)
     for tname, t in pw.tensors.items():
@@ -290,7 +341,10 @@ def unpack_model(packed_dir: str | Path, out_dir: str | Path, verify: bool = Tru
                 index = {"metadata": {"total_size": writer.total_bytes}, "weight_map": dict(sorted(shard_of.items()))}
                 (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
             for fname in MODEL_FILES:
-                if (ckpt.path / fname).is_file():
+                if fname == "config.json":
+                    (tmp / fname).write_text(_dense_model_config(ckpt.path / fname))
+                    chmod_like_open(tmp / fname)
+                elif (ckpt.path / fname).is_file():
                     shutil.copyfile(ckpt.path / fname, tmp / fname)
     finally:
         ckpt.close()
