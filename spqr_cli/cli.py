@@ -268,6 +268,16 @@ DataDirOpt = Annotated[Path | None, typer.Option(
 VerifyOpt = Annotated[bool, typer.Option(
     "--verify/--no-verify", help="Check the sha256 of every tensor of a packed checkpoint while loading it.")]
 DeviceOpt = Annotated[Device, typer.Option("--device", help="auto = cuda if available, else cpu.")]
+MaxGpuOpt = Annotated[str | None, typer.Option(
+    "--max-gpu-memory", metavar="<size>", help="Run a model larger than the GPU: weights on the GPU up to this "
+    "size (e.g. 8GiB), the rest in host memory, then on disk (accelerate offload; slower, same outputs).",
+    show_default=False)]
+MaxCpuOpt = Annotated[str | None, typer.Option(
+    "--max-cpu-memory", metavar="<size>", help="Weights in host memory up to this size (e.g. 32GiB); the rest "
+    "goes to --offload-dir.", show_default=False)]
+OffloadDirOpt = Annotated[Path | None, typer.Option(
+    "--offload-dir", help="Where weights beyond --max-gpu-memory/--max-cpu-memory go. Default: a temporary "
+    "directory (a dense model's safetensors are read in place).", show_default=False)]
 DatasetHelp = ("wikitext2, ptb, c4, redpajama (calibration only) or file:PATH (a text file, one row per line). "
                "Hub first via `datasets`; offline, local copies from --data-dir / $SPQR_DATA_DIR.")
 
@@ -465,6 +475,47 @@ def unpack(
 
 
 @app.command()
+def export(
+    packed_dir: Annotated[Path, typer.Argument(help="Packed checkpoint directory (`spqr pack` output).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Checkpoint directory to write.")],
+    to: Annotated[str, typer.Option("--to", help="Target format: hf-spqr (transformers' and the authors' SpQR "
+                                    "format, quant_method \"spqr\").")] = "hf-spqr",
+    verify: VerifyOpt = True,
+    shard_size: Annotated[int, typer.Option("--shard-size", min=1, help="Maximum shard size in MB.")] = 2048,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace OUT if it exists and is not empty.")] = False,
+) -> None:
+    """Write a packed model in another SpQR format (bit-exact; only models that fit it: 3-bit codes and stats,
+    16x16 groups, no bias)."""
+    with user_errors():
+        if to != "hf-spqr":
+            raise typer.BadParameter(f"unknown format {to!r}; available: hf-spqr", param_hint="--to")
+        check_input_dir(packed_dir, "packed checkpoint", "create it with `spqr pack QUANT_DIR --out DIR`")
+        from spqr_cli.format.hf_spqr import export_hf_spqr
+
+        summary = export_hf_spqr(packed_dir, out, verify=verify, overwrite=overwrite, shard_size_mb=shard_size,
+                                 progress=True)
+        typer.echo(f"wrote {out}: {summary['layers']} SpQR layers in {len(summary['shards'])} shard(s) "
+                   f"(transformers: quant_method \"spqr\", needs a CUDA GPU and `pip install spqr_quant[gpu]`)")
+
+
+@app.command("import")
+def import_(
+    hf_dir: Annotated[Path, typer.Argument(help="transformers SpQR checkpoint (quant_method \"spqr\", e.g. "
+                                           "`spqr export --to hf-spqr` output or one the authors published).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Packed checkpoint directory to write.")],
+    shard_size: Annotated[int, typer.Option("--shard-size", min=1, help="Maximum shard size in MB.")] = 2048,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace OUT if it exists and is not empty.")] = False,
+) -> None:
+    """Read a transformers SpQR checkpoint into the packed format (`spqr run`, `spqr eval`, `load_packed`)."""
+    with user_errors():
+        check_input_dir(hf_dir, "transformers SpQR checkpoint", "create it with `spqr export PACKED --to hf-spqr`")
+        from spqr_cli.format.hf_spqr import import_hf_spqr
+
+        summary = import_hf_spqr(hf_dir, out, overwrite=overwrite, shard_size_mb=shard_size, progress=True)
+        typer.echo(f"wrote {out}: {summary['layers']} quantized layers, {summary['dense_tensors']} dense tensors")
+
+
+@app.command()
 def inspect(
     packed_dir: Annotated[Path, typer.Argument(help="Packed checkpoint directory (`spqr pack` output).")],
     verify: VerifyOpt = True,
@@ -498,6 +549,46 @@ def inspect(
                             "the checkpoint is corrupted: re-pack it or copy it again")
 
 
+def _eval_tasks(model: str, tasks: str, baseline: str | None, include_path: list[Path] | None,
+                num_fewshot: int | None, limit: float | None, batch_size: int, dtype: str, device: str, verify: bool,
+                json_path: Path | None) -> None:
+    """``spqr eval --tasks``: lm-eval accuracy of MODEL (and --baseline), side by side (``core.tasks``)."""
+    from spqr_cli.core.tasks import evaluate_task_paths, require_lm_eval
+
+    require_lm_eval()
+    if baseline is not None:
+        check_model_arg(baseline)
+    from rich.table import Table
+
+    result = evaluate_task_paths(model, tasks, baseline=baseline, num_fewshot=num_fewshot, limit=limit,
+                                 batch_size=batch_size, include_path=include_path, dtype=dtype, device=device,
+                                 verify=verify)
+    shots = f"{result.num_fewshot}-shot" if result.num_fewshot is not None else "task-default shots"
+    table = Table(title=f"lm-eval {result.lm_eval_version}: {shots}"
+                  + (f", limit {result.limit}" if result.limit is not None else ""))
+    table.add_column("task", overflow="fold")
+    table.add_column("metric")
+    table.add_column("n", justify="right")
+    for m in result.models:
+        table.add_column(f"{m.role}: {m.model}", justify="right", overflow="fold")
+    if len(result.models) == 2:
+        table.add_column("delta", justify="right")
+    for score in result.models[-1].scores:
+        found = [m.score(score.task, score.metric) for m in result.models]
+        row = [score.task, score.metric, str(score.samples or "")]
+        row += ["-" if f is None else f"{f.value:.4f}" + ("" if f.stderr is None else f" ± {f.stderr:.4f}")
+                for f in found]
+        if len(found) == 2:
+            row.append("-" if None in found else f"{found[1].value - found[0].value:+.4f}")
+        table.add_row(*row)
+    console().print(table)
+    for m in result.models:
+        typer.echo(f"{m.role}: {m.seconds:.1f} s on {m.device} ({m.compute_dtype})", err=True)
+    if json_path is not None:
+        write_output_json({"requested_dtype": dtype, **result.to_dict()}, json_path, "--output")
+        typer.echo(f"wrote {json_path}")
+
+
 @app.command("eval")
 def eval_(
     model: Annotated[str, typer.Argument(help="Model directory, hub id, `spqr quantize` output directory (its dense/ "
@@ -514,16 +605,57 @@ def eval_(
         "--dtype", help="Weight dtype. On CPU, fp16 weights are computed in fp32 (same values; CPU fp16 "
         "matmuls are slow).")] = DType.fp16,
     device: DeviceOpt = Device.auto,
-    batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Windows per forward pass.")] = 1,
-    json_path: Annotated[Path | None, typer.Option("--json", help="Also write the result as JSON here.",
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Windows (perplexity) or requests "
+                                            "(--tasks) per forward pass.")] = 1,
+    json_path: Annotated[Path | None, typer.Option("--json", "--output", help="Also write the result as JSON here.",
                                                    show_default=False)] = None,
     verify: VerifyOpt = True,
+    tasks: Annotated[str | None, typer.Option(
+        "--tasks", help="Comma-separated lm-evaluation-harness tasks (e.g. arc_easy,hellaswag) to score instead of "
+        "perplexity; needs `pip install -e \".\\[eval]\"`. Offline, only tasks whose data is cached or local "
+        "(--include-path) run.", show_default=False)] = None,
+    max_gpu_memory: MaxGpuOpt = None,
+    max_cpu_memory: MaxCpuOpt = None,
+    offload_dir: OffloadDirOpt = None,
+    baseline: Annotated[str | None, typer.Option(
+        "--baseline", help="--tasks: also score this model (e.g. the fp16 original) and show both side by side.",
+        show_default=False)] = None,
+    include_path: Annotated[list[Path] | None, typer.Option(
+        "--include-path", metavar="<path>", help="--tasks: a directory of lm-eval task YAML files (local tasks); "
+        "repeatable.", show_default=False)] = None,
+    num_fewshot: Annotated[int | None, typer.Option(
+        "--num-fewshot", min=0, help="--tasks: few-shot examples per prompt. Default: the task's (0 if unset).",
+        show_default=False)] = None,
+    limit: Annotated[float | None, typer.Option(
+        "--limit", help="--tasks: score only the first N documents of each task (or a fraction, if < 1).",
+        show_default=False)] = None,
 ) -> None:
-    """Perplexity on a dataset's test text: exp(mean token NLL) over non-overlapping SEQLEN windows.
+    """Perplexity on a dataset's test text: exp(mean token NLL) over non-overlapping SEQLEN windows; with --tasks,
+    lm-evaluation-harness task accuracy instead (MODEL and, with --baseline, a second model side by side).
 
     The rows are joined with blank lines and tokenized once."""
     with user_errors():
         check_model_arg(model)
+        if tasks is not None and (max_gpu_memory, max_cpu_memory, offload_dir) != (None, None, None):
+            from spqr_cli.core.errors import SpQRError
+
+            raise SpQRError("--max-gpu-memory, --max-cpu-memory and --offload-dir apply to perplexity, not to --tasks")
+        from spqr_cli.core.errors import SpQRError
+
+        if tasks is not None:
+            if seqlen is not None or max_windows is not None:
+                raise SpQRError("--seqlen and --max-windows set perplexity windows; lm-eval tasks choose their own "
+                                "(use --limit to score fewer documents)")
+            check_output_file(json_path, "--output")
+            return _eval_tasks(model, tasks, baseline, include_path, num_fewshot, limit, batch_size, dtype.value,
+                               device.value, verify, json_path)
+        task_only = [flag for flag, value in (("--baseline", baseline), ("--limit", limit),
+                                              ("--num-fewshot", num_fewshot), ("--include-path", include_path))
+                     if value is not None]
+        if task_only:
+            one = len(task_only) == 1
+            raise SpQRError(f"{', '.join(task_only)} {'applies' if one else 'apply'} to lm-eval tasks: use "
+                            f"{'it' if one else 'them'} with --tasks")
         check_dataset_arg(dataset, data_dir)
         check_output_file(json_path, "--json")
         from spqr_cli.core.data import settle_hub_mode
@@ -535,7 +667,8 @@ def eval_(
 
         result = evaluate_path(model, dataset, dtype=dtype.value, device=device.value, seqlen=seqlen,
                                max_windows=max_windows, batch_size=batch_size, data_dir=data_dir, progress=True,
-                               verify=verify)
+                               verify=verify, max_gpu_memory=max_gpu_memory, max_cpu_memory=max_cpu_memory,
+                               offload_dir=offload_dir)
         table = Table(title=f"perplexity of {model}")
         for col in ("dataset", "windows x seqlen", "dtype", "device", "time", "perplexity"):
             table.add_column(col, justify="right" if col in ("perplexity", "time") else "left", overflow="fold")
@@ -566,6 +699,9 @@ def run(
                                           "then several times more tokens/s). Ignored on CPU.")] = True,
     device: DeviceOpt = Device.auto,
     verify: VerifyOpt = True,
+    max_gpu_memory: MaxGpuOpt = None,
+    max_cpu_memory: MaxCpuOpt = None,
+    offload_dir: OffloadDirOpt = None,
 ) -> None:
     """Generate text from a prompt, streamed to stdout as it is produced; speed and device go to stderr."""
     with user_errors():
@@ -578,12 +714,37 @@ def run(
 
         result = run_model(model, prompt, device=device.value, verify=verify, on_text=emit,
                            max_new_tokens=max_new_tokens, do_sample=sample, temperature=temperature, top_p=top_p,
-                           top_k=top_k, seed=seed, compile=compile, on_status=lambda m: typer.echo(m, err=True))
+                           top_k=top_k, seed=seed, compile=compile, on_status=lambda m: typer.echo(m, err=True),
+                           max_gpu_memory=max_gpu_memory, max_cpu_memory=max_cpu_memory, offload_dir=offload_dir)
         if not result.text.endswith("\n"):
             emit("\n")
         warm = f", compile warm-up {result.compile_seconds:.1f} s" if result.compile_seconds else ""
         typer.echo(f"{result.new_tokens} tokens, {result.tokens_per_second:.1f} tokens/s, prefill "
                    f"{result.prefill_seconds * 1000:.0f} ms, device {result.device}{warm}", err=True)
+
+
+@app.command()
+def serve(
+    model: Annotated[str, typer.Argument(help="Packed checkpoint (`spqr pack` output), quantization output or "
+                                         "dense model directory / hub id.")],
+    host: Annotated[str, typer.Option("--host", help="Address to listen on (127.0.0.1: this machine only).")]
+    = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", min=0, max=65535, help="TCP port (0 = any free port).")] = 8000,
+    name: Annotated[str | None, typer.Option("--name", help="Model id clients send as `model`. Default: the "
+                                             "directory's name.", show_default=False)] = None,
+    compile: Annotated[bool, typer.Option("--compile/--no-compile", help="On CUDA: compile the one-token step, as "
+                                          "`spqr run` does. Ignored on CPU.")] = True,
+    device: DeviceOpt = Device.auto,
+    verify: VerifyOpt = True,
+) -> None:
+    """Serve the model over an OpenAI-compatible HTTP API (/v1/models, /v1/completions, /v1/chat/completions,
+    streaming or not); requests are answered one generation at a time. Ctrl-C stops."""
+    with user_errors():
+        check_model_arg(model)
+        from spqr_cli.runtime.serve import serve_model
+
+        serve_model(model, host=host, port=port, name=name, device=device.value, verify=verify, compile=compile,
+                    on_ready=lambda m: typer.echo(m), log=lambda m: typer.echo(m, err=True))
 
 
 @app.command()

@@ -18,7 +18,7 @@ from torch import nn
 
 from spqr_cli.core.data import test_windows
 from spqr_cli.core.errors import SpQRError
-from spqr_cli.core.models import load_config, model_max_length
+from spqr_cli.core.models import execution_device, load_config, model_max_length, placement
 
 DEFAULT_SEQLEN = 2048
 
@@ -60,7 +60,7 @@ def windows_nll(model: nn.Module, windows: torch.Tensor, batch_size: int = 1, pr
     """
     if batch_size < 1:
         raise SpQRError("--batch-size must be >= 1")
-    device = next(model.parameters()).device
+    device = execution_device(model)  # (an offloaded model's first parameter may be on the meta device)
     total, count = 0.0, 0
     for start in range(0, windows.shape[0], batch_size):
         batch = windows[start: start + batch_size].to(device)
@@ -104,18 +104,22 @@ def evaluate_perplexity(model: nn.Module, tokenizer: Any, dataset: str, seqlen: 
         dataset=dataset, source=source, seqlen=seqlen, windows=windows.shape[0],
         tokens=windows.shape[0] * (seqlen - 1), nll=nll, perplexity=math.exp(nll),
         seconds=time.perf_counter() - started, compute_dtype=str(param.dtype).removeprefix("torch."),
-        device=str(param.device))
+        device=placement(model))
 
 
 def evaluate_path(path: str, dataset: str, dtype: str = "fp16", device: str = "auto", seqlen: int | None = None,
                   max_windows: int | None = None, batch_size: int = 1, data_dir: str | os.PathLike | None = None,
-                  progress: bool = False, verify: bool = True) -> PerplexityResult:
+                  progress: bool = False, verify: bool = True, max_gpu_memory: str | int | None = None,
+                  max_cpu_memory: str | int | None = None,
+                  offload_dir: str | os.PathLike | None = None) -> PerplexityResult:
     """Load the model at ``path`` (see ``load_any_model``) and measure its perplexity (checks --seqlen before
-    loading the weights)."""
+    loading the weights). ``max_gpu_memory`` / ``max_cpu_memory`` / ``offload_dir``: a model larger than the GPU
+    or the host, placed by accelerate (``load_any_model``); the perplexity is the plain load's."""
     from spqr_cli.runtime.loader import load_any_model, model_kind
 
     if seqlen is not None:
         default_seqlen(load_config(model_kind(path)[1]), seqlen)
-    model, tokenizer = load_any_model(path, dtype, device, verify=verify)
+    model, tokenizer = load_any_model(path, dtype, device, verify=verify, max_gpu_memory=max_gpu_memory,
+                                      max_cpu_memory=max_cpu_memory, offload_dir=offload_dir)
     return evaluate_perplexity(model, tokenizer, dataset, seqlen=seqlen, max_windows=max_windows,
                                batch_size=batch_size, data_dir=data_dir, progress=progress)

@@ -144,8 +144,15 @@ def load_tokenizer(name_or_path: str) -> Any:
         raise SpQRError(f"cannot load tokenizer of {name_or_path!r}: {_first_line(e)}") from None
 
 
-def load_model(name_or_path: str, dtype: str | torch.dtype = "fp16", device: str = "cpu") -> nn.Module:
+def load_model(name_or_path: str, dtype: str | torch.dtype = "fp16", device: str = "cpu",
+               max_memory: dict[int | str, int] | None = None, offload_folder: str | Path | None = None) -> nn.Module:
     """Load a causal LM by hub id or local directory, check its family is supported, put it in eval mode.
+
+    ``max_memory`` (accelerate's ``{gpu index: bytes, "cpu": bytes}``) places the weights with
+    ``device_map="auto"`` instead of on ``device``: each device up to its cap, in that order, and what does not fit
+    is offloaded to disk (``offload_folder``; safetensors weights are read from the checkpoint's own shards when
+    needed, nothing is copied). The accelerate hooks move each module's weights to its execution device at forward
+    time, so a model larger than the GPU (or the host) still runs.
 
     Strict, because every later step trusts the weights: a checkpoint that lacks a weight of the architecture
     (transformers would initialise it at random and only log it) or holds one the architecture does not have is
@@ -158,10 +165,13 @@ def load_model(name_or_path: str, dtype: str | torch.dtype = "fp16", device: str
     check_weight_files(name_or_path)
     config = load_config(name_or_path)
     adapter_for(config)
+    placement: dict[str, Any] = {}
+    if max_memory is not None:
+        placement = {"device_map": "auto", "max_memory": max_memory, "offload_folder": offload_folder}
     try:
         model, info = AutoModelForCausalLM.from_pretrained(  # (mismatched shapes are reported below, by name)
             name_or_path, dtype=resolve_dtype(dtype), use_safetensors=True, output_loading_info=True,
-            ignore_mismatched_sizes=True)
+            ignore_mismatched_sizes=True, **placement)
     except (OSError, ValueError, RuntimeError, SafetensorError) as e:
         raise SpQRError(f"cannot load model {name_or_path!r}: {_first_line(e)}; the weights are missing or "
                         "damaged (re-download or re-save the model)") from None
@@ -173,7 +183,92 @@ def load_model(name_or_path: str, dtype: str | torch.dtype = "fp16", device: str
         raise SpQRError(f"the weights of {name_or_path!r} do not match its config.json: {what}; the checkpoint is "
                         "incomplete or belongs to another model")
     model.eval()
+    if max_memory is not None:
+        return model
     return model.to(resolve_device(device))
+
+
+def execution_device(model: nn.Module) -> torch.device:
+    """Where a model's inputs go: its parameters' device, or for a model placed by accelerate (``hf_device_map``,
+    weights offloaded to the host or disk) the first GPU it uses, else the CPU (offloaded weights are on the meta
+    device until a hook brings them to this device)."""
+    device_map = getattr(model, "hf_device_map", None)
+    if device_map:
+        gpus = [d for d in device_map.values() if isinstance(d, int) or str(d).startswith(("cuda", "xpu", "mps"))]
+        if not gpus:
+            return torch.device("cpu")
+        return torch.device(f"cuda:{gpus[0]}" if isinstance(gpus[0], int) else gpus[0])
+    return next(model.parameters()).device
+
+
+def placement(model: nn.Module) -> str:
+    """A model's device for reports: ``cuda:0``, or where accelerate placed its weights after the execution device:
+    ``cuda:0+cpu+disk``, ``cpu+disk`` (computed on the CPU, weights read from disk)."""
+    device_map = getattr(model, "hf_device_map", None)
+    if not device_map:
+        return str(next(model.parameters()).device)
+    names = [str(execution_device(model))] + [f"cuda:{d}" if isinstance(d, int) else str(d)
+                                               for d in device_map.values()]
+    order = {"cpu": 1, "disk": 2}
+    return "+".join([names[0], *sorted(dict.fromkeys(n for n in names[1:] if n != names[0]),
+                                       key=lambda d: (order.get(d, 0), d))])
+
+
+def is_offloaded(model: nn.Module) -> bool:
+    """Whether accelerate keeps some of the model's weights off its execution device (host or disk)."""
+    device_map = getattr(model, "hf_device_map", None) or {}
+    where = {str(d) for d in device_map.values()}
+    return "disk" in where or ("cpu" in where and execution_device(model).type != "cpu")
+
+
+def empty_model(name_or_path: str, dtype: str | torch.dtype = "fp16") -> nn.Module:
+    """The model's skeleton on the meta device, in eval mode: every module built from config.json, no weight read
+    (non-persistent buffers such as rotary tables are real, computed as ``from_pretrained`` computes them). The
+    streamed quantizer fills one block at a time from the checkpoint (``core.streaming``)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    config = load_config(name_or_path)
+    adapter_for(config)
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config, dtype=resolve_dtype(dtype))
+    return model.eval()
+
+
+def tied_weight_names(model: nn.Module) -> set[str]:
+    """Names of the weights that are tied to another one (``lm_head.weight`` with tied embeddings): a checkpoint
+    need not store them and a saved one does not."""
+    tied = getattr(model, "all_tied_weights_keys", None)
+    if tied is None:
+        tied = getattr(model, "_tied_weights_keys", None) or {}
+    tie = getattr(getattr(model, "config", None), "tie_word_embeddings", False)
+    return set(tied) if tie else set()
+
+
+def check_checkpoint(model: nn.Module, weights: Any, name_or_path: str) -> None:
+    """The strict checks of ``load_model``, from the safetensors headers only (no tensor is read): a weight of the
+    architecture that the checkpoint lacks, one the architecture does not have, or one of another shape is refused
+    with the same one-line error. ``weights`` is a ``core.streaming.CheckpointWeights``."""
+    import re
+
+    expected = {k: tuple(v.shape) for k, v in model.state_dict(keep_vars=True).items()}
+    weights.align_to(expected, getattr(model, "base_model_prefix", ""))
+    stored = weights.model_names()
+    ignore = [re.compile(p) for p in (getattr(model, "_keys_to_ignore_on_load_unexpected", None) or ())]
+    non_persistent = {f"{m}.{b}" if m else b for m, sub in model.named_modules()
+                      for b in sub._non_persistent_buffers_set}
+    tied = tied_weight_names(model)
+    problems = {
+        "missing": sorted(k for k in expected if k not in stored and k not in tied),
+        "unexpected": sorted(k for k in stored if k not in expected and k not in non_persistent
+                             and not any(p.search(k) for p in ignore)),
+        "mismatched": sorted(k for k in expected if k in stored and weights.shape(k) != expected[k]),
+    }
+    problems = {kind: names for kind, names in problems.items() if names}
+    if problems:
+        what = "; ".join(f"{len(v)} {k} (first: {v[0]})" for k, v in problems.items())
+        raise SpQRError(f"the weights of {name_or_path!r} do not match its config.json: {what}; the checkpoint is "
+                        "incomplete or belongs to another model")
 
 
 def check_weight_files(name_or_path: str) -> None:

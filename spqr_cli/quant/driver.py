@@ -1,9 +1,13 @@
 """The block-by-block driver: calibration activations, Hessians, per-layer SpQR, checkpoints, resume, report.
 
-The model stays on the host; one decoder block at a time moves to the compute device, so accelerator memory
-is bounded by one block plus its activations, whatever the depth. Inside a block, linear sub-layers are
-quantized group by group in the adapter's "true sequential" order: each group's Hessian is collected from
-inputs produced by the already-quantized groups before it. The outputs of the quantized block feed the next.
+Weights are streamed: the model is a skeleton on the meta device, and a decoder block's weights are read from the
+checkpoint's safetensors shards only when that block is processed, moved to the compute device, and dropped once
+its records are committed and its dequantized weights written to ``dense/`` (``core.streaming``). The embeddings
+are read for the first forward only, the final norm and head only when ``dense/`` is completed. Host and
+accelerator memory are bounded by one block plus the calibration activations, whatever the depth. Inside a block,
+linear sub-layers are quantized group by group in the adapter's "true sequential" order: each group's Hessian is
+collected from inputs produced by the already-quantized groups before it. The outputs of the quantized block
+feed the next.
 
 Resume: every finished block's records are committed atomically to ``records/block_XXXX.safetensors`` and the
 progress counter in ``quant_config.json`` is updated after it. A restarted run replays the calibration set
@@ -15,7 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import time
 from collections.abc import Callable, Iterator
@@ -32,13 +35,25 @@ from spqr_cli.core.io import write_json
 from spqr_cli.core.models import (
     FamilyAdapter,
     adapter_for,
+    check_checkpoint,
     check_weight_files,
-    load_model,
+    empty_model,
     load_tokenizer,
     resolve_device,
+    tied_weight_names,
+)
+from spqr_cli.core.streaming import (
+    CheckpointWeights,
+    StreamedCheckpointWriter,
+    host_rss_mb,
+    local_model_dir,
+    release,
+    replace_dir,
+    trim_host_memory,
 )
 from spqr_cli.quant.hessian import HessianAccumulator
 from spqr_cli.quant.methods import get_method, quantize_layer
+from spqr_cli.quant.ranks import Ranks, chain_hessians, current_ranks, init_from_env, lead_step, window_share
 from spqr_cli.quant.record import QuantizedLayer, load_records, save_records
 
 FORMAT = "spqr-quant"
@@ -227,14 +242,20 @@ def _run_block(block: nn.Module, inps: torch.Tensor, kwargs: dict[str, Any], dev
 
 @torch.no_grad()
 def _collect_hessians(block: nn.Module, layers: dict[str, nn.Linear], inps: torch.Tensor, kwargs: dict[str, Any],
-                      device: torch.device, dtype: torch.dtype, batch: int) -> dict[str, torch.Tensor]:
-    """H = 2/n X X^T of each layer's inputs; the block's forward stops as soon as every layer has been fed."""
+                      device: torch.device, dtype: torch.dtype, batch: int,
+                      ranks: Ranks = Ranks()) -> dict[str, torch.Tensor]:
+    """H = 2/n X X^T of each layer's inputs; the block's forward stops as soon as every layer has been fed. Under
+    several ranks, this rank's inputs are kept and the sums completed in window order (``ranks.chain_hessians``)."""
     accs = {name: HessianAccumulator(lin.in_features, device=device) for name, lin in layers.items()}
+    stored: dict[str, list[torch.Tensor]] = {name: [] for name in layers}
     seen: set[str] = set()
 
     def hook(name: str) -> Callable[..., None]:
         def fn(_m: nn.Module, args: tuple[torch.Tensor, ...], _out: torch.Tensor) -> None:
-            accs[name].add_batch(args[0])
+            if ranks.distributed:
+                stored[name].append(args[0].detach())
+            else:
+                accs[name].add_batch(args[0])
             seen.add(name)
             if len(seen) == len(layers):  # the rest of the block is not needed for these Hessians
                 seen.clear()
@@ -251,6 +272,8 @@ def _collect_hessians(block: nn.Module, layers: dict[str, nn.Linear], inps: torc
     finally:
         for h in handles:
             h.remove()
+    if ranks.distributed:
+        chain_hessians(accs, stored, ranks)
     return {name: acc.hessian for name, acc in accs.items()}
 
 
@@ -287,9 +310,16 @@ def quantize_model(
     ``calib_ids`` is an int64 ``[nsamples, seqlen]`` tensor of calibration tokens (``spqr calibrate`` output or
     built on the fly). ``progress(stage, done, total, detail)`` is called as work advances (the CLI draws a
     rich progress bar with it). Returns the report that is also written to ``out_dir/report.json``.
+
+    Under ``torch.distributed`` (a launcher's environment, or a process group the caller initialized), the ranks
+    split the calibration windows by whole forward batches and complete the Hessians together in window order
+    (``quant.ranks``): the records are bit-identical to one process with the same ``forward_batch``. Rank 0
+    writes everything and shows progress.
     """
     t0 = time.perf_counter()
     out = Path(out_dir)
+    device = init_from_env(device)
+    ranks = current_ranks()
     dev = resolve_device(device)
     compute_dtype = torch.float16 if dev.type == "cuda" else torch.float32
     if calib_ids.dim() != 2 or calib_ids.dtype not in (torch.int64, torch.int32):
@@ -306,7 +336,10 @@ def quantize_model(
         return finished
 
     tokenizer = load_tokenizer(model_path)
-    model = load_model(model_path, dtype="fp16", device="cpu")
+    model = empty_model(model_path, dtype="fp16")  # the skeleton: no weight is read yet
+    source_dir = local_model_dir(model_path)  # a hub id: its local snapshot
+    weights = CheckpointWeights(source_dir, name=str(model_path))
+    check_checkpoint(model, weights, str(model_path))  # from the headers: nothing is quantized with random layers
     adapter = adapter_for(model)
     if int(calib_ids.max()) >= model.config.vocab_size:
         raise SpQRError("the calibration set holds token ids outside this model's vocabulary: it was made for "
@@ -323,47 +356,152 @@ def quantize_model(
         "num_blocks": len(blocks),
         "layers": [f"{adapter.blocks}.{i}.{name}" for i in range(len(blocks)) for name in adapter.linear_names()],
     }
-    start_block = _prepare_out_dir(out, state, restart)
+    start_block = lead_step(ranks, lambda: _prepare_out_dir(out, state, restart)) or 0
     report = QuantReport(device=str(dev), resumed_from_block=start_block)
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
-    notify = progress or (lambda *a: None)
+    n = len(blocks)
 
-    inps, kwargs = _block_inputs(model, adapter, calib_ids, dev, compute_dtype)
+    def notify(stage: str, done: int, detail: str) -> None:
+        if progress is not None and ranks.lead:
+            ranks_note = f" · {ranks.world} ranks" if ranks.distributed else ""
+            progress(stage, done, n, f"{detail} · host {host_rss_mb():,.0f} MB{ranks_note}")
+
+    share = window_share(calib_ids.shape[0], forward_batch, ranks) if ranks.distributed else slice(None)
+    notify("quantize", 0, "reading the embeddings")
+    pre = _pre_module_paths(model, adapter)
+    for path, module in pre.items():
+        weights.materialize(module, path, torch.float16)
+    inps, kwargs = _block_inputs(model, adapter, calib_ids[share], dev, compute_dtype)
     kwargs = _to_device(kwargs, dev)
-    for i, block in enumerate(blocks):
-        prefix = f"{adapter.blocks}.{i}"
-        record_path = out / "records" / f"block_{i:04d}.safetensors"
-        block.to(device=dev, dtype=compute_dtype)
-        if i < start_block:
-            notify("replay", i + 1, len(blocks), f"block {i} (resumed)")
-            records, rows = _load_block(record_path, prefix, adapter)
-            report.layers.extend(rows)
-            for name, rec in records.items():
-                lin = block.get_submodule(name[len(prefix) + 1 :])
-                lin.weight.data = rec.dequantize().to(dev, compute_dtype)
-        else:
-            records = _quantize_block(block, prefix, adapter, inps, kwargs, cfg, dev, compute_dtype,
-                                      forward_batch, report, lambda d, _i=i: notify("quantize", _i, len(blocks), d))
-            rows = report.to_dict()["layers"][-len(records):]
-            write_json(rows, record_path.with_suffix(".json"))
-            save_records(str(record_path), records)
-            write_json({**state, "completed_blocks": i + 1, "complete": False}, out / "quant_config.json")
-            notify("quantize", i + 1, len(blocks), f"block {i} done")
-        inps = _run_block(block, inps, kwargs, dev, compute_dtype, forward_batch)
-        block.to(device="cpu", dtype=torch.float16)
-        for name in adapter.linear_names():
-            lin = block.get_submodule(name)
-            lin.weight.data = records[f"{prefix}.{name}"].dequantize()
+    for module in pre.values():
+        release(module)
+    trim_host_memory()
 
-    _save_dense(model, tokenizer, out / "dense")
-    report.wall_seconds = time.perf_counter() - t0
-    report.peak_host_mb = _peak_host_mb()
-    if dev.type == "cuda":
-        report.peak_device_mb = torch.cuda.max_memory_allocated(dev) / 2**20
-    write_json({"config": cfg.to_dict(), **report.to_dict()}, out / "report.json")
-    write_json({**state, "completed_blocks": len(blocks), "complete": True}, out / "quant_config.json")
+    dense_tmp = out / "dense.tmp"
+    writers: list[StreamedCheckpointWriter] = []
+
+    def start_dense() -> None:  # an empty temporary dense/, every tensor's place fixed up front
+        shutil.rmtree(dense_tmp, ignore_errors=True)
+        dense_tmp.mkdir(parents=True)
+        writers.append(StreamedCheckpointWriter(dense_tmp, _dense_layout(model)))
+
+    try:
+        lead_step(ranks, start_dense)
+        writer = writers[0] if writers else None
+        linear_weights = [f"{name}.weight" for name in adapter.linear_names()]
+        for i, block in enumerate(blocks):
+            prefix = f"{adapter.blocks}.{i}"
+            record_path = out / "records" / f"block_{i:04d}.safetensors"
+            if i < start_block:
+                notify("replay", i, f"block {i}: reading weights")
+                records, rows = _load_block(record_path, prefix, adapter)
+                report.layers.extend(rows)
+                weights.materialize(block, prefix, torch.float16, skip=linear_weights)  # the linears: records
+                for name in adapter.linear_names():
+                    lin = block.get_submodule(name)
+                    lin.weight = nn.Parameter(records[f"{prefix}.{name}"].dequantize(), requires_grad=False)
+                block.to(device=dev, dtype=compute_dtype)
+                notify("replay", i + 1, f"block {i} (resumed)")
+            else:
+                notify("quantize", i, f"block {i}: reading weights")
+                weights.materialize(block, prefix, torch.float16)
+                block.to(device=dev, dtype=compute_dtype)
+                records = _quantize_block(block, prefix, adapter, inps, kwargs, cfg, dev, compute_dtype,
+                                          forward_batch, report, lambda d, _i=i: notify("quantize", _i,
+                                                                                         f"block {_i}: {d}"), ranks)
+                rows = report.to_dict()["layers"][-len(records):]
+                lead_step(ranks, lambda _i=i, _r=records, _rows=rows, _p=record_path: _commit_block(
+                    out, state, _i, _p, _r, _rows))
+                notify("quantize", i + 1, f"block {i} done")
+            inps = _run_block(block, inps, kwargs, dev, compute_dtype, forward_batch)
+            lead_step(ranks, lambda _b=block, _p=prefix: _write_block(writer, _b, _p))
+            release(block)
+            del records
+            trim_host_memory()  # the freed block goes back to the system: host memory stays flat over depth
+
+        notify("quantize", n, "writing the embeddings, final norm and head to dense/")
+
+        def finish() -> None:
+            assert writer is not None
+            for name in writer.shapes:
+                if not name.startswith(f"{adapter.blocks}."):
+                    t = weights.read([name])[name]
+                    writer.write(name, t.to(torch.float16) if t.is_floating_point() else t)
+            writer.close()
+            _finish_dense(model, tokenizer, source_dir, dense_tmp, out / "dense")
+            report.wall_seconds = time.perf_counter() - t0
+            report.peak_host_mb = _peak_host_mb()
+            if dev.type == "cuda":
+                report.peak_device_mb = torch.cuda.max_memory_allocated(dev) / 2**20
+            write_json({"config": cfg.to_dict(), **report.to_dict()}, out / "report.json")
+            write_json({**state, "completed_blocks": len(blocks), "complete": True}, out / "quant_config.json")
+
+        lead_step(ranks, finish)
+    except BaseException:
+        if ranks.lead:  # rebuilt from the blocks by the next run: never left behind half-written
+            shutil.rmtree(dense_tmp, ignore_errors=True)
+        raise
+    report.wall_seconds = report.wall_seconds or time.perf_counter() - t0
     return report
+
+
+def _write_block(writer: StreamedCheckpointWriter | None, block: nn.Module, prefix: str) -> None:
+    """A finished block's tensors into dense/. Its linears hold their dequantized fp16 weights in the compute
+    dtype: back to fp16 is exact."""
+    assert writer is not None
+    for name, t in block.state_dict().items():
+        writer.write(f"{prefix}.{name}", t.to("cpu", torch.float16) if t.is_floating_point() else t.to("cpu"))
+
+
+def _commit_block(out: Path, state: dict[str, Any], i: int, record_path: Path, records: dict[str, QuantizedLayer],
+                  rows: list[dict[str, Any]]) -> None:
+    """Block ``i`` is done: its report rows, its records, then the progress counter (in that order: a counter
+    never points past what is on disk)."""
+    write_json(rows, record_path.with_suffix(".json"))
+    save_records(str(record_path), records)
+    write_json({**state, "completed_blocks": i + 1, "complete": False}, out / "quant_config.json")
+
+
+def _pre_module_paths(model: nn.Module, adapter: FamilyAdapter) -> dict[str, nn.Module]:
+    """The modules that run before block 0 (embeddings, rotary tables), by their path in the model."""
+    out: dict[str, nn.Module] = {}
+    for path in adapter.pre_block:
+        try:
+            out[path] = model.get_submodule(path)
+        except AttributeError:
+            continue
+    return out
+
+
+def _dense_layout(model: nn.Module) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """Name -> (shape, dtype) of every tensor of ``dense/``, in the order they are written: the blocks' as they
+    finish, then the rest. Floating tensors are fp16; weights tied to another one are not stored (as
+    ``save_pretrained`` does)."""
+    tied = tied_weight_names(model)
+    layout = {name: (tuple(t.shape), torch.float16 if t.is_floating_point() else t.dtype)
+              for name, t in model.state_dict(keep_vars=True).items() if name not in tied}
+    blocks = adapter_for(model).blocks + "."
+    return {**{k: v for k, v in layout.items() if k.startswith(blocks)},
+            **{k: v for k, v in layout.items() if not k.startswith(blocks)}}
+
+
+def _finish_dense(model: nn.Module, tokenizer: Any, source: Path, tmp: Path, path: Path) -> None:
+    """Add what ``save_pretrained`` writes beside the weights (config with the saved dtype and architecture,
+    generation config, tokenizer) to the temporary ``dense/`` and rename it into place."""
+    from transformers import GenerationConfig
+
+    config = model.config
+    config.architectures = [type(model).__name__]
+    config.dtype = torch.float16
+    config.save_pretrained(tmp)
+    try:  # what from_pretrained reads: generation_config.json, else the generation keys of config.json
+        generation = GenerationConfig.from_pretrained(source)
+    except OSError:
+        generation = GenerationConfig.from_pretrained(source, config_file_name="config.json", _from_model_config=True)
+    generation.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    replace_dir(tmp, path)
 
 
 def _load_block(record_path: Path, prefix: str, adapter: FamilyAdapter) -> tuple[dict[str, QuantizedLayer],
@@ -386,7 +524,8 @@ def _load_block(record_path: Path, prefix: str, adapter: FamilyAdapter) -> tuple
 
 def _quantize_block(block: nn.Module, prefix: str, adapter: FamilyAdapter, inps: torch.Tensor,
                     kwargs: dict[str, Any], cfg: QuantConfig, dev: torch.device, dtype: torch.dtype,
-                    batch: int, report: QuantReport, notify: Callable[[str], None]) -> dict[str, QuantizedLayer]:
+                    batch: int, report: QuantReport, notify: Callable[[str], None],
+                    ranks: Ranks = Ranks()) -> dict[str, QuantizedLayer]:
     """Quantize one block's linears group by group (true sequential); weights are replaced in place."""
     records: dict[str, QuantizedLayer] = {}
     method = get_method(cfg.method)
@@ -395,7 +534,7 @@ def _quantize_block(block: nn.Module, prefix: str, adapter: FamilyAdapter, inps:
         if not method.needs_hessian:
             hessians = {name: None for name in group}
         else:
-            hessians = _collect_hessians(block, layers, inps, kwargs, dev, dtype, batch)
+            hessians = _collect_hessians(block, layers, inps, kwargs, dev, dtype, batch, ranks)
         for name, lin in layers.items():
             notify(name)
             t = time.perf_counter()
@@ -411,21 +550,9 @@ def _quantize_block(block: nn.Module, prefix: str, adapter: FamilyAdapter, inps:
                 name=f"{prefix}.{name}", shape=(rec.out_features, rec.in_features), rel_error=err,
                 outlier_pct=100.0 * rec.outlier_fraction, bits=rec.formula_bits(), seconds=time.perf_counter() - t,
             ))
+            del w, q, rec
+            trim_host_memory()  # the layer's temporaries: without this the heap ratchets up within a block
     return records
-
-
-def _save_dense(model: nn.Module, tokenizer: Any, path: Path) -> None:
-    """The dequantized fp16 model as a plain HF checkpoint, written to a temp dir then renamed."""
-    tmp = path.with_name(path.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.to(torch.float16).save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    old = path.with_name(path.name + ".old")
-    if path.exists():  # never a moment without a complete dense/ checkpoint under its name or beside it
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(path, old)
-    os.replace(tmp, path)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def iter_records(quant_dir: str | Path) -> Iterator[tuple[str, QuantizedLayer]]:

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from spqr_cli.core.errors import SpQRError
-from spqr_cli.core.models import resolve_device
+from spqr_cli.core.models import execution_device, is_offloaded, resolve_device
 
 CACHE_STEP = 256  # static cache lengths are rounded up to a multiple of this (fewer distinct compiled shapes)
 
@@ -48,11 +48,14 @@ class GenerationResult:
         return {**asdict(self), "tokens_per_second": self.tokens_per_second}
 
 
-def load_for_generation(path: str | Path, device: str = "auto", verify: bool = True) -> tuple[Any, Any]:
-    """A packed checkpoint (``spqr_config.json``) through ``load_packed``, otherwise a dense HF model."""
+def load_for_generation(path: str | Path, device: str = "auto", verify: bool = True,
+                        **memory: Any) -> tuple[Any, Any]:
+    """A packed checkpoint (``spqr_config.json``) through ``load_packed``, otherwise a dense HF model. ``memory``:
+    ``max_gpu_memory`` / ``max_cpu_memory`` / ``offload_dir`` of ``load_any_model`` (a model larger than the
+    GPU)."""
     from spqr_cli.runtime.loader import load_any_model
 
-    return load_any_model(str(path), "fp16", device, verify=verify)
+    return load_any_model(str(path), "fp16", device, verify=verify, **memory)
 
 
 def check_generation_args(max_new_tokens: int, do_sample: bool, temperature: float, top_p: float,
@@ -75,26 +78,47 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
+def prompt_ids(tokenizer: Any, prompt: str, add_special_tokens: bool = True) -> torch.Tensor:
+    """``prompt`` as a (1, n) tensor of token ids; an empty prompt becomes the BOS token (generation needs one).
+
+    ``add_special_tokens=False`` for text that already carries them (a rendered chat template starts with BOS)."""
+    ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=add_special_tokens).input_ids
+    if ids.shape[1] == 0:
+        bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else 0
+        ids = torch.tensor([[bos]])
+    return ids
+
+
+def context_limit(model: Any) -> int | None:
+    """The model's context length in tokens (``max_position_embeddings``), if it has one."""
+    return getattr(model.config, "max_position_embeddings", None)
+
+
+def check_context(model: Any, prompt_tokens: int, max_new_tokens: int, flag: str = "--max-new-tokens") -> None:
+    """Refuse a prompt + generation longer than the model's context (positions past it are undefined)."""
+    limit = context_limit(model)
+    if limit is not None and prompt_tokens + max_new_tokens > limit:
+        raise SpQRError(f"prompt ({prompt_tokens} tokens) + {flag} {max_new_tokens} exceeds the model's "
+                        f"context of {limit} tokens; shorten the prompt or lower {flag}")
+
+
 def generate(model: Any, tokenizer: Any, prompt: str, max_new_tokens: int = 64, do_sample: bool = False,
              temperature: float = 0.8, top_p: float = 0.95, top_k: int = 50, seed: int = 0,
              on_text: Callable[[str], None] | None = None, compile: bool = True,
-             on_status: Callable[[str], None] | None = None) -> GenerationResult:
+             on_status: Callable[[str], None] | None = None, add_special_tokens: bool = True) -> GenerationResult:
     """Generate from ``prompt``; ``on_text`` receives the decoded text piece by piece as it is produced.
 
     ``compile`` (CUDA only): compile the decode step and warm it up first (``on_status`` hears about it).
+    ``on_text`` may raise to stop generating (``spqr serve`` does on a stop string or a closed connection): the
+    exception leaves ``generate`` as it is. ``add_special_tokens``: see ``prompt_ids``.
     """
     from transformers import StaticCache, TextStreamer
 
     check_generation_args(max_new_tokens, do_sample, temperature, top_p, top_k)
-    device = next(model.parameters()).device
-    ids = tokenizer(prompt, return_tensors="pt").input_ids.to(device)
-    if ids.shape[1] == 0:
-        bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else 0
-        ids = torch.tensor([[bos]], device=device)
-    limit = getattr(model.config, "max_position_embeddings", None)
-    if limit is not None and ids.shape[1] + max_new_tokens > limit:
-        raise SpQRError(f"prompt ({ids.shape[1]} tokens) + --max-new-tokens {max_new_tokens} exceeds the model's "
-                        f"context of {limit} tokens; shorten the prompt or lower --max-new-tokens")
+    device = execution_device(model)
+    ids = prompt_ids(tokenizer, prompt, add_special_tokens).to(device)
+    limit = context_limit(model)
+    check_context(model, ids.shape[1], max_new_tokens)
     torch.manual_seed(seed)
 
     marks: list[float] = []
@@ -115,7 +139,9 @@ def generate(model: Any, tokenizer: Any, prompt: str, max_new_tokens: int = 64, 
     if do_sample:
         kwargs.update(temperature=temperature, top_p=top_p, top_k=top_k)
     compile_seconds = 0.0
-    if device.type == "cuda" and compile:
+    if is_offloaded(model):
+        pass  # weights move in at every step (accelerate hooks): no static cache or CUDA graph to capture
+    elif device.type == "cuda" and compile:
         # one static cache for the warm-up and the run, its length rounded up so that later calls with similar
         # lengths reuse the compiled step (each new cache shape compiles again)
         length = -(-(ids.shape[1] + max_new_tokens) // CACHE_STEP) * CACHE_STEP
@@ -172,12 +198,16 @@ def _warm_up(model: Any, ids: torch.Tensor, kwargs: dict[str, Any],
 
 
 def run_model(path: str | Path, prompt: str, device: str = "auto", verify: bool = True,
-              on_text: Callable[[str], None] | None = None, **gen_kwargs: Any) -> GenerationResult:
-    """Load ``path`` and generate: the library function behind ``spqr run`` (settings checked before loading)."""
+              on_text: Callable[[str], None] | None = None, max_gpu_memory: str | int | None = None,
+              max_cpu_memory: str | int | None = None, offload_dir: str | Path | None = None,
+              **gen_kwargs: Any) -> GenerationResult:
+    """Load ``path`` and generate: the library function behind ``spqr run`` (settings checked before loading).
+    ``max_gpu_memory`` / ``max_cpu_memory`` / ``offload_dir``: see ``load_any_model``."""
     given = {**_GENERATE_DEFAULTS, **gen_kwargs}
     check_generation_args(*(given[k] for k in ("max_new_tokens", "do_sample", "temperature", "top_p", "top_k")))
     resolve_device(device)
-    model, tokenizer = load_for_generation(path, device, verify)
+    model, tokenizer = load_for_generation(path, device, verify, max_gpu_memory=max_gpu_memory,
+                                           max_cpu_memory=max_cpu_memory, offload_dir=offload_dir)
     return generate(model, tokenizer, prompt, on_text=on_text, **gen_kwargs)
 
 

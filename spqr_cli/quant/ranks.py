@@ -1,0 +1,129 @@
+"""Several processes quantizing one model together (``torch.distributed``: NCCL on GPUs, gloo on CPUs).
+
+Launched by ``torchrun --nproc-per-node N -m spqr_cli quantize ...`` (or any launcher that sets ``RANK``,
+``WORLD_SIZE``, ``MASTER_ADDR`` and ``MASTER_PORT``), or in a process group the caller initialized. Each rank runs
+the calibration windows of its share of the forward batches through every block; the Hessians are completed by
+passing the running sum from rank to rank in window order (``chain_hessians``), so the fp32 additions happen in
+exactly the order of one process and the records are bit-identical to a one-process run with the same
+``forward_batch``. Every rank then quantizes the block's layers (the same inputs give the same records, and each
+rank needs the quantized weights for its next forward); rank 0 alone writes to disk.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from spqr_cli.core.errors import SpQRError
+
+
+@dataclass(frozen=True)
+class Ranks:
+    """This process's place among the ranks (``rank`` 0 of 1 without torch.distributed)."""
+
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def lead(self) -> bool:
+        """Rank 0: the one that writes the records, the state, dense/ and the report, and shows progress."""
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world > 1
+
+
+def current_ranks() -> Ranks:
+    """The ranks of the initialized default process group, else a single process."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return Ranks(dist.get_rank(), dist.get_world_size())
+    return Ranks()
+
+
+def init_from_env(device: str) -> str:
+    """Join the process group a launcher described in the environment (``WORLD_SIZE`` > 1), once: NCCL with
+    ``cuda:LOCAL_RANK`` as the device when ``device`` is auto/cuda and GPUs exist, else gloo on the CPU. Returns
+    the device this rank should use."""
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if world <= 1 or not dist.is_available():
+        return device
+    use_cuda = device != "cpu" and torch.cuda.is_available()
+    if use_cuda and device in ("auto", "cuda"):
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    if not dist.is_initialized():
+        if use_cuda:
+            torch.cuda.set_device(torch.device(device))
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    return device
+
+
+def window_share(nsamples: int, forward_batch: int, ranks: Ranks) -> slice:
+    """This rank's calibration windows: a contiguous run of whole forward batches (the batches of one process,
+    so every forward sees the same inputs as there)."""
+    batches = -(-nsamples // forward_batch)
+    if batches < ranks.world:
+        raise SpQRError(f"{nsamples} calibration windows make {batches} forward batches of {forward_batch}, fewer "
+                        f"than the {ranks.world} ranks; use more windows or fewer ranks")
+    first = ranks.rank * batches // ranks.world
+    last = (ranks.rank + 1) * batches // ranks.world
+    return slice(first * forward_batch, min(last * forward_batch, nsamples))
+
+
+def chain_hessians(accs: dict[str, Any], stored: dict[str, list[torch.Tensor]], ranks: Ranks) -> None:
+    """Complete each ``HessianAccumulator`` in ``accs`` over every rank's inputs, in window order: rank r waits for
+    the running sum of ranks < r, adds its own inputs (``stored``, in order), passes it on; the last rank's sum
+    is broadcast. The additions are those of one process, in its order: the result is bit-identical."""
+    import torch.distributed as dist
+
+    last = ranks.world - 1
+    for name, acc in accs.items():
+        count = torch.zeros(1, dtype=torch.int64, device=acc._xtx.device)
+        if ranks.rank > 0:
+            dist.recv(acc._xtx, src=ranks.rank - 1)
+            dist.recv(count, src=ranks.rank - 1)
+            acc._n = int(count.item())
+        for x in stored[name]:
+            acc.add_batch(x)
+        count.fill_(acc._n)
+        if ranks.rank < last:
+            dist.send(acc._xtx, dst=ranks.rank + 1)
+            dist.send(count, dst=ranks.rank + 1)
+        dist.broadcast(acc._xtx, src=last)
+        dist.broadcast(count, src=last)
+        acc._n = int(count.item())
+        stored[name].clear()
+
+
+def lead_step(ranks: Ranks, step: Callable[[], int | None]) -> int | None:
+    """Run ``step`` on rank 0 only and give its result (an int or ``None``) to every rank; a one-line error there
+    (``SpQRError``, or an ``OSError`` such as a full disk) is raised on every rank, so that the others do not wait
+    for a collective that will never come. One process: just ``step()``."""
+    if not ranks.distributed:
+        return step()
+    import torch.distributed as dist
+
+    value, error = None, b""
+    if ranks.lead:
+        try:
+            value = step()
+        except (SpQRError, OSError) as e:
+            error = (str(e) or type(e).__name__).encode()
+    on = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    head = torch.tensor([len(error), -1 if value is None else int(value)], dtype=torch.int64, device=on)
+    dist.broadcast(head, src=0)
+    if head[0] > 0:
+        text = torch.zeros(int(head[0]), dtype=torch.uint8, device=on)
+        if ranks.lead:
+            text = torch.frombuffer(bytearray(error), dtype=torch.uint8).to(on)
+        dist.broadcast(text, src=0)
+        raise SpQRError(bytes(text.cpu().tolist()).decode(errors="replace"))
+    return None if head[1] < 0 else int(head[1])
