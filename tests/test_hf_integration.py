@@ -19,8 +19,9 @@ import torch
 
 import spqr_cli  # noqa: F401 (registers the quantizer)
 from spqr_cli.core.errors import SpQRError
+from spqr_cli.core.io import SHARD_INDEX
 from spqr_cli.format.checkpoint import CONFIG_NAME, file_sha256
-from spqr_cli.format.pack import INDEX_NAME, pack_model, unpack_model
+from spqr_cli.format.pack import pack_model, unpack_model
 from spqr_cli.runtime.linear import SpQRLinear
 from spqr_cli.runtime.loader import load_any_model, load_packed, model_kind
 
@@ -127,11 +128,11 @@ def test_older_packs_still_load(packed, ids, reference, tmp_path: Path) -> None:
     q = packed.parent / "quant"
     old = tmp_path / "old"
     pack_model(q, old, shard_size_mb=0.5)  # several shards
-    assert (old / INDEX_NAME).is_file()
+    assert (old / SHARD_INDEX).is_file()
     multi = tmp_path / "multi"
     shutil.copytree(old, multi)
     assert torch.equal(_logits(_auto().from_pretrained(multi, dtype=torch.float32), ids), reference)
-    (old / INDEX_NAME).unlink()
+    (old / SHARD_INDEX).unlink()
     config = json.loads((old / "config.json").read_text())
     del config["quantization_config"]
     (old / "config.json").write_text(json.dumps(config, indent=2) + "\n")

@@ -47,6 +47,20 @@ def write_json(data: Any, path: str | os.PathLike, indent: int | None = 2) -> Pa
     return Path(path)
 
 
+SHARD_INDEX = "model.safetensors.index.json"  # transformers' map of tensor names to shard files
+
+
+def write_shard_index(directory: str | os.PathLike, weight_map: dict[str, str],
+                      metadata: dict[str, Any] | None = None) -> Path:
+    """``directory/model.safetensors.index.json`` for a sharded checkpoint (how transformers finds the shards),
+    readable like the shards. Written inside a directory that is itself renamed into place when complete."""
+    path = Path(directory) / SHARD_INDEX
+    path.write_text(json.dumps({"metadata": metadata or {}, "weight_map": dict(sorted(weight_map.items()))},
+                               indent=2) + "\n")
+    chmod_like_open(path)
+    return path
+
+
 def save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike,
                      metadata: dict[str, str] | None = None) -> Path:
     """``safetensors.torch.save_file`` written atomically; returns the path."""

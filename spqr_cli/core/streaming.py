@@ -25,8 +25,8 @@ import torch
 from torch import nn
 
 from spqr_cli.core.errors import SpQRError
+from spqr_cli.core.io import SHARD_INDEX, write_shard_index
 
-INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 # safetensors' dtype names (the header's "dtype" field)
 _ST_DTYPES = {
@@ -58,7 +58,7 @@ def local_model_dir(name_or_path: str) -> Path:
 
     try:
         return Path(snapshot_download(name_or_path, allow_patterns=["config.json", "generation_config.json",
-                                                                  "*.safetensors", INDEX_NAME])
+                                                                  "*.safetensors", SHARD_INDEX])
                     ).resolve()
     except Exception as e:  # offline cache miss, unknown repo, network: one line
         raise SpQRError(f"cannot load model {name_or_path!r}: {_first_line(e)}; the weights are missing or damaged "
@@ -79,7 +79,7 @@ class CheckpointWeights:
 
         self.directory = Path(directory)
         self.name = name or str(directory)
-        index = self.directory / INDEX_NAME
+        index = self.directory / SHARD_INDEX
         if index.is_file():
             try:
                 weight_map = json.loads(index.read_text())["weight_map"]
@@ -87,11 +87,11 @@ class CheckpointWeights:
                         isinstance(v, str) and "/" not in v and "\\" not in v for v in weight_map.values()):
                     raise ValueError("weight_map is not a mapping of tensor names to shard files")
             except (OSError, ValueError, KeyError, TypeError) as e:
-                raise self._damaged(f"{INDEX_NAME}: {_first_line(e)}") from None
+                raise self._damaged(f"{SHARD_INDEX}: {_first_line(e)}") from None
         elif (self.directory / SINGLE_NAME).is_file():
             weight_map = None
         else:
-            raise SpQRError(f"cannot load model {self.name!r}: no {SINGLE_NAME} or {INDEX_NAME} in {self.directory}; "
+            raise SpQRError(f"cannot load model {self.name!r}: no {SINGLE_NAME} or {SHARD_INDEX} in {self.directory}; "
                             "the weights are missing (re-download or re-save the model)")
         files = sorted(set(weight_map.values())) if weight_map is not None else [SINGLE_NAME]
         self.headers: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
@@ -109,7 +109,7 @@ class CheckpointWeights:
         if weight_map is not None:
             listed = [k for k, v in weight_map.items() if self.file_of.get(k) != v]
             if listed:
-                raise self._damaged(f"{INDEX_NAME} lists {listed[0]} in {weight_map[listed[0]]}, which does not "
+                raise self._damaged(f"{SHARD_INDEX} lists {listed[0]} in {weight_map[listed[0]]}, which does not "
                                     "hold it")
         self.key_prefix = ""
 
@@ -285,9 +285,8 @@ class StreamedCheckpointWriter:
             raise SpQRError(f"internal error: {len(missing)} tensors of the output were never written "
                             f"(first: {missing[0]})")
         if len(self.files) > 1:
-            index = {"metadata": {"total_size": self.total_size},
-                     "weight_map": {n: self.files[self.where[n][0]] for n in sorted(self.shapes)}}
-            (self.directory / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+            write_shard_index(self.directory, {n: self.files[self.where[n][0]] for n in self.shapes},
+                              {"total_size": self.total_size})
 
 
 def replace_dir(tmp: Path, path: Path) -> None:

@@ -36,10 +36,9 @@ from typing import Any
 import torch
 
 from spqr_cli.core.errors import SpQRError
-from spqr_cli.core.io import chmod_like_open, read_json
+from spqr_cli.core.io import SHARD_INDEX, chmod_like_open, read_json, write_shard_index
 from spqr_cli.format.checkpoint import DEFAULT_SHARD_MB, MODEL_FILES, PackedCheckpoint, file_sha256, tensor_info
 from spqr_cli.format.pack import (
-    INDEX_NAME,
     _DenseCheckpoint,
     _output_dir,
     _ShardWriter,
@@ -314,8 +313,7 @@ def export_hf_spqr(packed_dir: str | Path, out_dir: str | Path, verify: bool = T
             shard_of = writer.close()
             files = sorted(set(shard_of.values()))
             if len(files) > 1:
-                index = {"metadata": {"total_size": writer.total_bytes}, "weight_map": dict(sorted(shard_of.items()))}
-                (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+                write_shard_index(tmp, shard_of, {"total_size": writer.total_bytes})
             config = {k: v for k, v in ckpt.model_config.items() if k != "quantization_config"}
             # module names (transformers 5 matches them) and their ".weight" (what the authors' converter writes and
             # transformers 4 matches): each form matches nothing in the other version
@@ -351,8 +349,8 @@ def import_hf_spqr(hf_dir: str | Path, out_dir: str | Path, overwrite: bool = Fa
     for key, want in (("bits", BITS), ("beta1", TILE), ("beta2", TILE)):
         if qc.get(key, want) != want:
             raise SpQRError(f"{hf_dir}: {key}={qc.get(key)!r}; transformers SpQR checkpoints have {key}={want}")
-    if not ((hf_dir / "model.safetensors").is_file() or (hf_dir / INDEX_NAME).is_file()):
-        raise SpQRError(f"{hf_dir} holds no model.safetensors (or {INDEX_NAME}); `spqr import` reads safetensors")
+    if not ((hf_dir / "model.safetensors").is_file() or (hf_dir / SHARD_INDEX).is_file()):
+        raise SpQRError(f"{hf_dir} holds no model.safetensors (or {SHARD_INDEX}); `spqr import` reads safetensors")
     family = adapter_for(SimpleNamespace(model_type=model_config.get("model_type"))).name
     source = _DenseCheckpoint(hf_dir, fix="copy the checkpoint again")
     linears, expected = _skeleton(model_config)

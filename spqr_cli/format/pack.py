@@ -21,6 +21,7 @@ import torch
 
 from spqr_cli.core.errors import SpQRError
 from spqr_cli.core.io import (
+    SHARD_INDEX,
     chmod_like_open,
     make_temp_dir,
     output_lock,
@@ -28,6 +29,7 @@ from spqr_cli.core.io import (
     recover_output,
     swap_in,
     user_os_errors,
+    write_shard_index,
 )
 from spqr_cli.format.checkpoint import (
     CONFIG_NAME,
@@ -49,7 +51,6 @@ from spqr_cli.quant.record import QuantizedLayer, load_records
 from spqr_kernels.layout import PackedWeight
 
 HF_QUANT_METHOD = "spqr-cli"  # transformers' quant_method of packed checkpoints (runtime/hf_quantizer.py)
-INDEX_NAME = "model.safetensors.index.json"
 
 
 @contextlib.contextmanager
@@ -145,7 +146,7 @@ class _DenseCheckpoint:
     def __init__(self, directory: Path, fix: str = "re-run `spqr quantize`") -> None:
         from safetensors import safe_open
 
-        index = directory / "model.safetensors.index.json"
+        index = directory / SHARD_INDEX
         if index.is_file():
             weight_map = read_json(index, "Hugging Face checkpoint").get("weight_map")
             if not isinstance(weight_map, dict) or not all(isinstance(v, str) and "/" not in v
@@ -256,9 +257,7 @@ def finish_packed(tmp: Path, writer: _ShardWriter, src_dir: Path, model_config: 
     chmod_like_open(tmp / "config.json")
     shards = sorted(set(shard_of.values()))
     if len(shards) > 1:  # transformers finds multi-shard weights through the standard index
-        index = {"metadata": {"format": FORMAT_NAME}, "weight_map": dict(sorted(shard_of.items()))}
-        (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
-        chmod_like_open(tmp / INDEX_NAME)
+        write_shard_index(tmp, shard_of, {"format": FORMAT_NAME})
     cfg: dict[str, Any] = {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
@@ -338,8 +337,7 @@ def unpack_model(packed_dir: str | Path, out_dir: str | Path, verify: bool = Tru
             shard_of = writer.close()
             files = sorted(set(shard_of.values()))
             if len(files) > 1:
-                index = {"metadata": {"total_size": writer.total_bytes}, "weight_map": dict(sorted(shard_of.items()))}
-                (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+                write_shard_index(tmp, shard_of, {"total_size": writer.total_bytes})
             for fname in MODEL_FILES:
                 if fname == "config.json":
                     (tmp / fname).write_text(_dense_model_config(ckpt.path / fname))
