@@ -268,6 +268,8 @@ DataDirOpt = Annotated[Path | None, typer.Option(
 VerifyOpt = Annotated[bool, typer.Option(
     "--verify/--no-verify", help="Check the sha256 of every tensor of a packed checkpoint while loading it.")]
 DeviceOpt = Annotated[Device, typer.Option("--device", help="auto = cuda if available, else cpu.")]
+ShardSizeOpt = Annotated[int, typer.Option("--shard-size", min=1, help="Maximum shard size in MB.")]
+OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace OUT if it exists and is not empty.")]
 MaxGpuOpt = Annotated[str | None, typer.Option(
     "--max-gpu-memory", metavar="<size>", help="Run a model larger than the GPU: weights on the GPU up to this "
     "size (e.g. 8GiB), the rest in host memory, then on disk (accelerate offload; slower, same outputs).",
@@ -438,8 +440,8 @@ def pack(
     quant_dir: Annotated[Path, typer.Argument(help="Output directory of `spqr quantize` (quant_config.json, records/, "
                                               "dense/).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Packed checkpoint directory to write.")],
-    shard_size: Annotated[int, typer.Option("--shard-size", min=1, help="Maximum shard size in MB.")] = 2048,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace OUT if it exists and is not empty.")] = False,
+    shard_size: ShardSizeOpt = 2048,
+    overwrite: OverwriteOpt = False,
 ) -> None:
     """Pack quantized layers into one checkpoint: bit-packed codes, packed statistics, CSR outliers, fp16 rest.
 
@@ -462,8 +464,8 @@ def unpack(
     packed_dir: Annotated[Path, typer.Argument(help="Packed checkpoint directory (`spqr pack` output).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Dense checkpoint directory to write.")],
     verify: VerifyOpt = True,
-    shard_size: Annotated[int, typer.Option("--shard-size", min=1, help="Maximum shard size in MB.")] = 2048,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace OUT if it exists and is not empty.")] = False,
+    shard_size: ShardSizeOpt = 2048,
+    overwrite: OverwriteOpt = False,
 ) -> None:
     """Write a dense fp16 checkpoint that plain transformers loads, bit-exact with the quantizer's weights."""
     with user_errors():
@@ -481,8 +483,8 @@ def export(
     to: Annotated[str, typer.Option("--to", help="Target format: hf-spqr (transformers' and the authors' SpQR "
                                     "format, quant_method \"spqr\").")] = "hf-spqr",
     verify: VerifyOpt = True,
-    shard_size: Annotated[int, typer.Option("--shard-size", min=1, help="Maximum shard size in MB.")] = 2048,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace OUT if it exists and is not empty.")] = False,
+    shard_size: ShardSizeOpt = 2048,
+    overwrite: OverwriteOpt = False,
 ) -> None:
     """Write a packed model in another SpQR format (bit-exact; only models that fit it: 3-bit codes and stats,
     16x16 groups, no bias)."""
@@ -503,8 +505,8 @@ def import_(
     hf_dir: Annotated[Path, typer.Argument(help="transformers SpQR checkpoint (quant_method \"spqr\", e.g. "
                                            "`spqr export --to hf-spqr` output or one the authors published).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Packed checkpoint directory to write.")],
-    shard_size: Annotated[int, typer.Option("--shard-size", min=1, help="Maximum shard size in MB.")] = 2048,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace OUT if it exists and is not empty.")] = False,
+    shard_size: ShardSizeOpt = 2048,
+    overwrite: OverwriteOpt = False,
 ) -> None:
     """Read a transformers SpQR checkpoint into the packed format (`spqr run`, `spqr eval`, `load_packed`)."""
     with user_errors():

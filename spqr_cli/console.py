@@ -73,7 +73,7 @@ def print_quant_report(report: Any, out: Path) -> None:
         groups = {r.name: [r] for r in rows}
     table = Table(title="quantized layers" + (" (per block, parameter-weighted)" if per_block else ""))
     for col in ("block" if per_block else "layer", "shape" if not per_block else "layers", "rel error",
-                "outlier %", "bits", "seconds"):
+                "outlier %", "bits (formula)", "bits (packed)", "seconds"):
         table.add_column(col, justify="left" if col in ("layer", "block") else "right",
                          overflow="fold" if col in ("layer", "block") else "ellipsis")
     for name, rs in groups.items():
@@ -85,13 +85,14 @@ def print_quant_report(report: Any, out: Path) -> None:
 
         shape = str(len(rs)) if per_block else f"{rs[0].shape[0]}x{rs[0].shape[1]}"
         table.add_row(name, shape, f"{avg('rel_error'):.4f}", f"{avg('outlier_pct'):.2f}", f"{avg('bits'):.3f}",
-                      f"{sum(r.seconds for r in rs):.1f}")
+                      f"{avg('bits_measured'):.3f}", f"{sum(r.seconds for r in rs):.1f}")
     totals = Table(title="totals", show_header=False)
     totals.add_column("item")
     totals.add_column("value", justify="right")
     totals.add_row("layers", str(len(rows)) + (f" ({report.resumed_from_block} blocks resumed)"
                                                if report.resumed_from_block else ""))
     totals.add_row("average bits (formula)", f"{report.avg_bits:.3f}")
+    totals.add_row("average bits (packed)", f"{report.avg_bits_measured:.3f}")
     totals.add_row("outliers", f"{report.outlier_pct:.3f} %")
     totals.add_row("wall time", f"{report.wall_seconds:.1f} s on {report.device}")
     device_mem = f", {report.device} {report.peak_device_mb:.0f} MB" if report.device.startswith("cuda") else ""

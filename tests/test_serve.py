@@ -327,3 +327,15 @@ def test_cli_serve_subprocess(tmp_path: Path) -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_taken_port_is_reported_before_the_model_loads(tmp_path: Path) -> None:
+    from spqr_cli.core.errors import SpQRError
+    from spqr_cli.runtime.serve import serve_model
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(SpQRError, match=f"cannot listen on 127.0.0.1:{port}"):
+            serve_model(tmp_path / "no-model-here", port=port, device="cpu")  # never loaded: the port fails first

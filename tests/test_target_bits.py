@@ -109,6 +109,12 @@ def test_cli_target_bits_measured_by_inspect(tmp_path, demo_model_path):
     assert all(target - 0.05 <= b <= target for b in bits), (target, bits)
     assert target - 0.05 <= info["totals"]["quantized_bits_measured"] <= target
     assert info["quant_config"]["target_bits"] == target
+    # the quantize report's packed bits are the inspected ones, layer by layer and in total
+    report = json.loads((tmp_path / "q" / "report.json").read_text())
+    assert report["avg_bits_measured"] == pytest.approx(info["totals"]["quantized_bits_measured"], abs=1e-12)
+    assert {r["name"]: r["bits_measured"] for r in report["layers"]} == pytest.approx(
+        {row["name"]: row["bits_measured"] for row in info["layers"]}, abs=1e-12)
+    assert "average bits (packed)" in quant.output
     too_low = runner.invoke(app, ["quantize", str(demo_model_path), "--out", str(tmp_path / "q2"), "--target-bits",
                                   "2.5", "--dataset", f"file:{DEMO_CALIB}", "--nsamples", "2", "--seqlen", "32",
                                   "--device", "cpu"], terminal_width=200)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import shutil
 import time
 from collections.abc import Callable, Iterator
@@ -68,8 +69,9 @@ class LayerReport:
     shape: tuple[int, int]
     rel_error: float
     outlier_pct: float
-    bits: float
+    bits: float  # by the format's formula
     seconds: float
+    bits_measured: float = math.nan  # of the packed tensors (reports saved before this field: nan)
 
 
 @dataclass
@@ -92,6 +94,12 @@ class QuantReport:
         return sum(r.bits * r.shape[0] * r.shape[1] for r in self.layers) / max(params, 1)
 
     @property
+    def avg_bits_measured(self) -> float:
+        """Parameter-weighted packed bits (what ``spqr inspect`` reports for the quantized layers once packed)."""
+        params = sum(r.shape[0] * r.shape[1] for r in self.layers)
+        return sum(r.bits_measured * r.shape[0] * r.shape[1] for r in self.layers) / max(params, 1)
+
+    @property
     def outlier_pct(self) -> float:
         params = sum(r.shape[0] * r.shape[1] for r in self.layers)
         return sum(r.outlier_pct * r.shape[0] * r.shape[1] for r in self.layers) / max(params, 1)
@@ -99,6 +107,7 @@ class QuantReport:
     def to_dict(self) -> dict[str, Any]:
         return {
             "avg_bits": self.avg_bits,
+            "avg_bits_measured": self.avg_bits_measured,
             "outlier_pct": self.outlier_pct,
             "wall_seconds": self.wall_seconds,
             "peak_device_mb": self.peak_device_mb,
@@ -107,7 +116,7 @@ class QuantReport:
             "resumed_from_block": self.resumed_from_block,
             "layers": [
                 {"name": r.name, "shape": list(r.shape), "rel_error": r.rel_error, "outlier_pct": r.outlier_pct,
-                 "bits": r.bits, "seconds": r.seconds}
+                 "bits": r.bits, "bits_measured": r.bits_measured, "seconds": r.seconds}
                 for r in self.layers
             ],
         }
@@ -549,6 +558,7 @@ def _quantize_block(block: nn.Module, prefix: str, adapter: FamilyAdapter, inps:
             report.layers.append(LayerReport(
                 name=f"{prefix}.{name}", shape=(rec.out_features, rec.in_features), rel_error=err,
                 outlier_pct=100.0 * rec.outlier_fraction, bits=rec.formula_bits(), seconds=time.perf_counter() - t,
+                bits_measured=rec.packed_bits(),
             ))
             del w, q, rec
             trim_host_memory()  # the layer's temporaries: without this the heap ratchets up within a block

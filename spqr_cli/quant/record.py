@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from spqr_kernels.layout import PackedWeight, formula_bits, pack_rows, unpack_rows
+from spqr_kernels.layout import PackedWeight, formula_bits, pack_rows, packed_nbytes, unpack_rows
 
 RECORD_FIELDS = (
     "codes", "scale", "zero", "scale_codes", "zero_codes", "scale_stats", "zero_stats",
@@ -113,6 +113,13 @@ class QuantizedLayer:
         """Average bits per parameter by the format's formula (``spqr_kernels.layout.formula_bits``)."""
         return formula_bits(self.wbits, self.groupsize, self.beta2, self.stat_bits, self.out_features,
                             self.outlier_fraction, self.perm is not None)
+
+    def packed_bits(self) -> float:
+        """Bits per parameter of this layer's packed tensors (``spqr_kernels.layout.packed_nbytes``: what ``spqr
+        inspect`` measures once packed, and what ``--target-bits`` budgets)."""
+        nbytes = packed_nbytes(self.wbits, self.groupsize, self.beta2, self.stat_bits, self.out_features,
+                               self.in_features, self.nnz, self.perm is not None)
+        return 8 * nbytes / (self.out_features * self.in_features)
 
     def to_tensors(self, prefix: str = "") -> dict[str, torch.Tensor]:
         """Flat dict for safetensors (absent optional fields are skipped)."""

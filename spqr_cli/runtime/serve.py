@@ -550,11 +550,19 @@ def make_server(model: Any, tokenizer: Any, name: str, host: str = "127.0.0.1", 
                 on_status: Callable[[str], None] | None = None) -> Server:
     """A bound, not yet running server (``serve_forever`` runs it; ``port=0`` picks a free port, read it from
     ``server.server_address``)."""
+    return _attach(_bind(host, port), model, tokenizer, name, compile, log, on_status)
+
+
+def _bind(host: str, port: int) -> Server:
     try:
-        server = Server((host, port), Handler)
+        return Server((host, port), Handler)
     except OSError as e:
         raise SpQRError(f"cannot listen on {host}:{port}: {e.strerror or e}; pick another --port or --host"
                         ) from None
+
+
+def _attach(server: Server, model: Any, tokenizer: Any, name: str, compile: bool,
+            log: Callable[[str], None] | None, on_status: Callable[[str], None] | None) -> Server:
     server.model_server = ModelServer(model, tokenizer, name, compile=compile, on_status=on_status)  # type: ignore
     server.log = log  # type: ignore[attr-defined]
     return server
@@ -571,8 +579,13 @@ def serve_model(path: str | Path, host: str = "127.0.0.1", port: int = 8000, nam
         raise SpQRError(f"--port must be in 0..65535, got {port}")
     resolve_device(device)
     name = name or Path(str(path).rstrip("/")).name or str(path)
-    model, tokenizer = load_for_generation(path, device, verify)
-    server = make_server(model, tokenizer, name, host, port, compile=compile, log=log, on_status=log)
+    server = _bind(host, port)  # before the load: a taken port is reported at once, not after minutes of loading
+    try:
+        model, tokenizer = load_for_generation(path, device, verify)
+    except BaseException:
+        server.server_close()
+        raise
+    _attach(server, model, tokenizer, name, compile, log, log)
     bound_host, bound_port = server.server_address[:2]
     if on_ready is not None:
         on_ready(f"serving {name!r} on http://{bound_host}:{bound_port}/v1 (OpenAI API: /v1/models, "
