@@ -890,7 +890,8 @@ def sweep(
         "context.", show_default=False)] = None,
     max_windows: Annotated[int | None, typer.Option(
         "--max-windows", min=1, help="Test windows per dataset. Default: all.", show_default=False)] = None,
-    seed: Annotated[int, typer.Option("--seed", help="Seed of the calibration windows.")] = 0,
+    seeds: Annotated[str, typer.Option("--seeds", help="Comma-separated calibration seeds: each point is quantized "
+                                       "once per seed and reported as the mean and spread (e.g. 0,1,2).")] = "0",
     work_dir: Annotated[Path, typer.Option("--work-dir", help="Where each point's quantization and packed "
                                            "checkpoint are kept (a re-run reuses finished ones).")] = Path("sweep"),
     json_path: Annotated[Path | None, typer.Option("--json", help="Write the table as JSON here.",
@@ -918,6 +919,12 @@ def sweep(
             raise SpQRError(f"--bits {bits!r} must be comma-separated numbers, e.g. 3.5,4,4.5") from None
         if not budgets or any(not math.isfinite(b) or b <= 0 for b in budgets):
             raise SpQRError(f"--bits {bits!r} must be comma-separated numbers > 0, e.g. 3.5,4,4.5")
+        try:
+            seed_list = list(dict.fromkeys(int(x) for x in seeds.split(",") if x.strip()))
+        except ValueError:
+            raise SpQRError(f"--seeds {seeds!r} must be comma-separated integers, e.g. 0,1,2") from None
+        if not seed_list:
+            raise SpQRError("--seeds is empty; give at least one seed, e.g. 0")
         from spqr_cli.bench.sweep import SWEEP_METHODS
 
         chosen = [m.strip() for m in methods.split(",") if m.strip()]
@@ -935,9 +942,10 @@ def sweep(
         from spqr_cli.core.models import load_config, load_tokenizer
 
         length = default_seqlen(load_config(model), seqlen)
-        calib = build_calibration_set(load_tokenizer(model), calib_dataset, nsamples=nsamples, seqlen=length,
-                                      seed=seed, data_dir=data_dir, model=model)
-        result = run_sweep(model, chosen, budgets, calib.input_ids, calib.manifest, names, work_dir,
+        tokenizer = load_tokenizer(model)
+        calibrations = [build_calibration_set(tokenizer, calib_dataset, nsamples=nsamples, seqlen=length, seed=seed,
+                                              data_dir=data_dir, model=model) for seed in seed_list]
+        result = run_sweep(model, chosen, budgets, calibrations, names, work_dir,
                            device=device.value, seqlen=length, max_windows=max_windows, data_dir=data_dir,
                            log=lambda m: console().print(m))
         table = Table(title=f"quality per bit: {model}")

@@ -40,7 +40,7 @@ def test_sweep_command(tmp_path, demo_model_path):
         result = CliRunner().invoke(app, [
             "sweep", str(demo_model_path), "--bits", ",".join(map(str, budgets)), "--methods", "spqr,gptq",
             "--datasets", f"file:{DEMO_TEST}", "--calib-dataset", f"file:{DEMO_CALIB}", "--nsamples", "2",
-            "--seqlen", "32", "--max-windows", "2", "--work-dir", str(tmp_path / "w"), "--json",
+            "--seqlen", "32", "--max-windows", "2", "--seeds", "0,1", "--work-dir", str(tmp_path / "w"), "--json",
             str(tmp_path / "s.json"), "--plot", str(tmp_path / "s.png"), "--device", "cpu"], terminal_width=200)
     finally:
         torch.set_num_threads(threads)
@@ -57,12 +57,18 @@ def test_sweep_command(tmp_path, demo_model_path):
         assert p["increase_pct"][dataset] == pytest.approx(100 * (p["perplexity"][dataset] / data["fp16"][dataset]
                                                                    - 1))
     assert budgets[1] - 0.05 <= points[("spqr", budgets[1])]["bits_measured"]
+    # two seeds: each point is the mean of its two runs, and the runs differ (different calibration windows)
+    gptq = points[("gptq", budgets[1])]
+    runs = [r["perplexity"][dataset] for r in gptq["per_seed"]]
+    assert [r["seed"] for r in gptq["per_seed"]] == [0, 1] and runs[0] != runs[1]
+    assert gptq["perplexity"][dataset] == pytest.approx(sum(runs) / 2)
+    assert gptq["increase_spread"][dataset] > 0
     assert points[("spqr", budgets[1])]["outlier_pct"] > 0
     # the packed checkpoint of a point is what was scored: its own inspect agrees with the JSON
     from spqr_cli.format.inspect import inspect_packed
 
-    packed = tmp_path / "w" / f"gptq-{budgets[1]:g}-packed"
-    assert inspect_packed(packed)["totals"]["quantized_bits_measured"] == points[("gptq", budgets[1])]["bits_measured"]
+    packed = tmp_path / "w" / f"gptq-{budgets[1]:g}-s1-packed"
+    assert inspect_packed(packed)["totals"]["quantized_bits_measured"] == gptq["per_seed"][1]["bits_measured"]
 
 
 def test_sweep_rejects_bad_flags(demo_model_path):
@@ -71,6 +77,7 @@ def test_sweep_rejects_bad_flags(demo_model_path):
     from spqr_cli.cli import app
 
     for flags, message in ((["--bits", "4,x"], "must be comma-separated numbers"),
-                           (["--bits", "-1"], "numbers > 0"), (["--methods", "awq"], "choose from spqr, gptq, rtn")):
+                           (["--bits", "-1"], "numbers > 0"), (["--methods", "awq"], "choose from spqr, gptq, rtn"),
+                           (["--seeds", "0,a"], "comma-separated integers")):
         result = CliRunner().invoke(app, ["sweep", str(demo_model_path), *flags], terminal_width=200)
         assert result.exit_code == 2 and message in result.output, result.output

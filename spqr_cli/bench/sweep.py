@@ -12,7 +12,10 @@ How a budget ``B`` becomes a config, per method:
 - ``gptq`` and ``rtn``: their sizes are discrete, so the grid of ``wbits`` 2-8 x ``groupsize`` per-channel, 128,
   64, 32, 16 (fp16 statistics) is searched for the largest measured size ``<= B`` on this model's layer shapes.
 
-A budget a method cannot meet is reported as skipped, not silently moved.
+A budget a method cannot meet is reported as skipped, not silently moved. With several calibration sets (``spqr
+sweep --seeds 0,1,2``) every point is quantized once per set; it reports the mean over the seeds and the spread
+(sample standard deviation) of its perplexity, increase and measured bits, and the plot draws the spread as error
+bars: differences smaller than the spread are not results.
 """
 
 from __future__ import annotations
@@ -24,8 +27,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
+from spqr_cli.core.calibrate import CalibrationSet
 from spqr_cli.core.config import QuantConfig, load_preset
 from spqr_cli.core.errors import SpQRError
 from spqr_cli.core.io import atomic_path, write_json
@@ -45,8 +47,10 @@ class SweepPoint:
     bits_measured: float = math.nan
     bits_formula: float = math.nan
     outlier_pct: float = 0.0
-    perplexity: dict[str, float] = field(default_factory=dict)
-    increase_pct: dict[str, float] = field(default_factory=dict)
+    perplexity: dict[str, float] = field(default_factory=dict)  # mean over the calibration seeds
+    increase_pct: dict[str, float] = field(default_factory=dict)  # mean over the seeds
+    increase_spread: dict[str, float] = field(default_factory=dict)  # sample std over the seeds (0 with one)
+    per_seed: list[dict[str, Any]] = field(default_factory=list)  # seed, bits_measured, perplexity per seed
     seconds: float = 0.0
     skipped: str | None = None
 
@@ -92,16 +96,23 @@ def config_for_budget(method: str, budget: float, shapes: Sequence[tuple[int, in
     return max(fits, key=lambda f: (f[0], f[1]))[2] if fits else None
 
 
+def _mean_std(values: Sequence[float]) -> tuple[float, float]:
+    mean = sum(values) / len(values)
+    var = sum((v - mean) ** 2 for v in values) / (len(values) - 1) if len(values) > 1 else 0.0
+    return mean, math.sqrt(var)
+
+
 def run_sweep(
-    model: str, methods: Sequence[str], budgets: Sequence[float], calib_ids: torch.Tensor,
-    calib_manifest: dict[str, Any], datasets: Sequence[str], work_dir: str | Path, *, device: str = "auto",
+    model: str, methods: Sequence[str], budgets: Sequence[float], calibrations: Sequence[CalibrationSet],
+    datasets: Sequence[str], work_dir: str | Path, *, device: str = "auto",
     seqlen: int | None = None, max_windows: int | None = None, data_dir: str | None = None,
     log: Callable[[str], None] = lambda _m: None,
 ) -> dict[str, Any]:
-    """Quantize, pack and evaluate ``model`` for every (method, budget); returns ``{"fp16": ..., "points": ...}``.
+    """Quantize, pack and evaluate ``model`` for every (method, budget) and calibration set; returns ``{"fp16": ...,
+    "points": ...}``.
 
-    Each point's quantization and packed checkpoint go to ``work_dir/<method>-<budget>`` (kept, so a sweep that
-    stops can be re-run: finished quantizations are found and not repeated, as ``spqr quantize`` does).
+    Each run's quantization and packed checkpoint go to ``work_dir/<method>-<budget>-s<seed>`` (kept, so a sweep
+    that stops can be re-run: finished quantizations are found and not repeated, as ``spqr quantize`` does).
     """
     from spqr_cli.core.evaluate import evaluate_path
     from spqr_cli.core.models import load_config
@@ -130,22 +141,33 @@ def run_sweep(
                                                                       "bits on these layer shapes"))
                 log(f"{method} @ {budget:g}: skipped ({points[-1].skipped})")
                 continue
-            log(f"{method} @ {budget:g} bits: quantizing ({', '.join(f'{k}={v}' for k, v in cfg.to_dict().items())})")
             t = time.perf_counter()
-            quant, packed = work / f"{method}-{budget:g}", work / f"{method}-{budget:g}-packed"
-            quantize_model(model, cfg, quant, calib_ids, calib_manifest, device=device)
-            if not (packed / "spqr_config.json").is_file():
-                pack_model(quant, packed)
-            info = inspect_packed(packed)["totals"]
-            ppl = scores(str(packed))
-            point = SweepPoint(method, budget, cfg.to_dict(), info["quantized_bits_measured"],
-                               info["quantized_bits_formula"], info["outlier_pct"], ppl,
-                               {d: 100.0 * (ppl[d] / fp16[d] - 1) for d in datasets}, time.perf_counter() - t)
+            runs = []
+            for calib in calibrations:
+                seed = calib.manifest.get("seed", 0)
+                log(f"{method} @ {budget:g} bits, seed {seed}: quantizing "
+                    f"({', '.join(f'{k}={v}' for k, v in cfg.to_dict().items())})")
+                quant, packed = work / f"{method}-{budget:g}-s{seed}", work / f"{method}-{budget:g}-s{seed}-packed"
+                quantize_model(model, cfg, quant, calib.input_ids, calib.manifest, device=device)
+                if not (packed / "spqr_config.json").is_file():
+                    pack_model(quant, packed)
+                info = inspect_packed(packed)["totals"]
+                runs.append({"seed": seed, "bits_measured": info["quantized_bits_measured"],
+                             "bits_formula": info["quantized_bits_formula"], "outlier_pct": info["outlier_pct"],
+                             "perplexity": scores(str(packed))})
+            increase = {d: [100.0 * (r["perplexity"][d] / fp16[d] - 1) for r in runs] for d in datasets}
+            point = SweepPoint(
+                method, budget, cfg.to_dict(), _mean_std([r["bits_measured"] for r in runs])[0],
+                _mean_std([r["bits_formula"] for r in runs])[0], _mean_std([r["outlier_pct"] for r in runs])[0],
+                {d: _mean_std([r["perplexity"][d] for r in runs])[0] for d in datasets},
+                {d: _mean_std(increase[d])[0] for d in datasets}, {d: _mean_std(increase[d])[1] for d in datasets},
+                runs, time.perf_counter() - t)
             points.append(point)
-            log(f"{method} @ {budget:g}: {point.bits_measured:.3f} bits, " +
-                ", ".join(f"{d} {ppl[d]:.3f} (+{point.increase_pct[d]:.2f}%)" for d in datasets))
+            log(f"{method} @ {budget:g}: {point.bits_measured:.3f} bits, " + ", ".join(
+                f"{d} {point.perplexity[d]:.3f} (+{point.increase_pct[d]:.2f}% ± {point.increase_spread[d]:.2f})"
+                for d in datasets))
     return {"model": model, "datasets": list(datasets), "seqlen": seqlen, "max_windows": max_windows,
-            "calibration": calib_manifest, "fp16": fp16, "points": [asdict(p) for p in points]}
+            "calibration": [c.manifest for c in calibrations], "fp16": fp16, "points": [asdict(p) for p in points]}
 
 
 def write_sweep(result: dict[str, Any], json_path: Path | None, plot_path: Path | None) -> None:
@@ -166,10 +188,11 @@ def write_sweep(result: dict[str, Any], json_path: Path | None, plot_path: Path 
     fig, axes = plt.subplots(1, len(datasets), figsize=(5.5 * len(datasets), 4.2), squeeze=False)
     for ax, d in zip(axes[0], datasets, strict=True):
         for method in dict.fromkeys(p["method"] for p in result["points"]):
-            pts = sorted((p["bits_measured"], p["increase_pct"][d]) for p in result["points"]
-                         if p["method"] == method and not p["skipped"])
+            pts = sorted((p["bits_measured"], p["increase_pct"][d], p.get("increase_spread", {}).get(d, 0.0))
+                         for p in result["points"] if p["method"] == method and not p["skipped"])
             if pts:
-                ax.plot(*zip(*pts, strict=True), marker="o", label=method)
+                x, y, err = zip(*pts, strict=True)
+                ax.errorbar(x, y, yerr=err if any(err) else None, marker="o", capsize=3, label=method)
         ax.set_title(f"{Path(result['model']).name}: {Path(d.removeprefix('file:')).name}")
         ax.set_xlabel("bits per weight (measured, packed)")
         ax.set_ylabel(f"perplexity increase over fp16 {result['fp16'][d]:.3f} (%)")
@@ -188,6 +211,8 @@ def sweep_rows(result: dict[str, Any]) -> list[list[str]]:
         if p["skipped"]:
             rows.append([p["method"], f"{p['budget']:g}", "skipped", "", *["" for _ in result["datasets"]]])
             continue
+        spread = p.get("increase_spread", {})
         rows.append([p["method"], f"{p['budget']:g}", f"{p['bits_measured']:.3f}", f"{p['outlier_pct']:.2f}%",
-                     *(f"{p['perplexity'][d]:.3f} (+{p['increase_pct'][d]:.2f}%)" for d in result["datasets"])])
+                     *(f"{p['perplexity'][d]:.3f} (+{p['increase_pct'][d]:.2f}%"
+                       + (f" ± {spread[d]:.2f})" if spread.get(d) else ")") for d in result["datasets"])])
     return rows
