@@ -753,8 +753,9 @@ def serve(
 def bench(
     models: Annotated[str, typer.Option("--models", help="Comma-separated LLaMA sizes whose layer shapes are timed "
                                         "(3b is OpenLLaMA-3B).")] = "3b,7b,13b,33b,65b",
-    batches: Annotated[str, typer.Option("--batches", help="Comma-separated batch sizes (tokens per matmul).")]
-    = "1,4,16,256",
+    batches: Annotated[str, typer.Option("--batches", help="Comma-separated batch sizes (tokens per matmul): 1-8 "
+                                         "run the decode kernel, more the dense path.")]
+    = "1,2,4,8,16,32,64,128,256,512,2048,4096",
     reps: Annotated[int, typer.Option("--reps", min=1, help="Calls per CUDA-graph timing (per-call time = "
                                       "graph time / reps, median of 3 replays).")] = 50,
     part: Annotated[str, typer.Option("--part", help="What to run: layers, e2e or all. e2e builds a random-weight "

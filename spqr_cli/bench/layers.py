@@ -94,7 +94,7 @@ def time_eager(fn: Callable[[], object]) -> tuple[float, float]:
 
 def bench_layers(
     shapes: Sequence[tuple[str, int, int]] | None = None,
-    batches: Sequence[int] = (1, 4, 16, 256),
+    batches: Sequence[int] = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 2048, 4096),
     wbits: int = 3, groupsize: int = 16, beta2: int = 16, stat_bits: int = 3, outlier_fraction: float = 0.01,
     warmup: int = 10, reps: int = 50, dtype: torch.dtype = torch.float16, peers: Sequence[str] = (),
 ) -> list[dict]:
