@@ -74,11 +74,15 @@ class CheckpointWeights:
     checkpoint's name.
     """
 
-    def __init__(self, directory: str | Path, name: str | None = None) -> None:
+    def __init__(self, directory: str | Path, name: str | None = None,
+                 fix: str = "re-download or re-save the model") -> None:
+        """``name``: how errors call the checkpoint; ``fix``: what they tell the user to do (a quantization
+        output's dense/ is re-made by re-running quantize, a hub model is re-downloaded)."""
         from safetensors import safe_open
 
         self.directory = Path(directory)
         self.name = name or str(directory)
+        self.fix = fix
         index = self.directory / SHARD_INDEX
         if index.is_file():
             try:
@@ -92,7 +96,7 @@ class CheckpointWeights:
             weight_map = None
         else:
             raise SpQRError(f"cannot load model {self.name!r}: no {SINGLE_NAME} or {SHARD_INDEX} in {self.directory}; "
-                            "the weights are missing (re-download or re-save the model)")
+                            f"the weights are missing ({self.fix})")
         files = sorted(set(weight_map.values())) if weight_map is not None else [SINGLE_NAME]
         self.headers: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
         self.file_of: dict[str, str] = {}
@@ -114,8 +118,8 @@ class CheckpointWeights:
         self.key_prefix = ""
 
     def _damaged(self, what: str) -> SpQRError:
-        return SpQRError(f"cannot load model {self.name!r}: {what}; the weights are missing or damaged "
-                         "(re-download or re-save the model)")
+        return SpQRError(f"cannot load model {self.name!r}: {what}; the weights are missing or damaged (corrupted or "
+                         f"truncated): {self.fix}")
 
     def align_to(self, expected: Iterable[str], base_prefix: str) -> None:
         """Use ``base_prefix`` for checkpoint names when none of them carries it but the model's names do."""
@@ -135,6 +139,10 @@ class CheckpointWeights:
         if self.key_prefix and model_name.startswith(self.key_prefix):
             return model_name[len(self.key_prefix):]
         return model_name
+
+    def get(self, name: str) -> torch.Tensor:
+        """One tensor by its checkpoint name."""
+        return self.read([name])[name]
 
     def read(self, model_names: Iterable[str]) -> dict[str, torch.Tensor]:
         """The named tensors (model names), each shard opened once for this call and closed after."""

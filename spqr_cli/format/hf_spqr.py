@@ -37,9 +37,9 @@ import torch
 
 from spqr_cli.core.errors import SpQRError
 from spqr_cli.core.io import SHARD_INDEX, chmod_like_open, read_json, write_shard_index
+from spqr_cli.core.streaming import CheckpointWeights
 from spqr_cli.format.checkpoint import DEFAULT_SHARD_MB, MODEL_FILES, PackedCheckpoint, file_sha256, tensor_info
 from spqr_cli.format.pack import (
-    _DenseCheckpoint,
     _output_dir,
     _ShardWriter,
     add_packed_layer,
@@ -352,16 +352,16 @@ def import_hf_spqr(hf_dir: str | Path, out_dir: str | Path, overwrite: bool = Fa
     if not ((hf_dir / "model.safetensors").is_file() or (hf_dir / SHARD_INDEX).is_file()):
         raise SpQRError(f"{hf_dir} holds no model.safetensors (or {SHARD_INDEX}); `spqr import` reads safetensors")
     family = adapter_for(SimpleNamespace(model_type=model_config.get("model_type"))).name
-    source = _DenseCheckpoint(hf_dir, fix="copy the checkpoint again")
+    source = CheckpointWeights(hf_dir, name=str(hf_dir), fix="copy the checkpoint again")
     linears, expected = _skeleton(model_config)
-    quantized = sorted({k.rsplit(".", 1)[0] for k in source.weight_map if k.endswith(".dense_weights")})
+    quantized = sorted({k.rsplit(".", 1)[0] for k in source.file_of if k.endswith(".dense_weights")})
     unknown = [q for q in quantized if q not in linears]
     if unknown:
         raise SpQRError(f"{hf_dir}: quantized layer {unknown[0]} is not a linear layer of the model config.json "
                         "describes")
     # every tensor has a place in the model and every place a tensor (else the import would not load)
     present = {f"{q}.weight" for q in quantized} | {
-        t for t in source.weight_map if not (t.rpartition(".")[0] in quantized and t.rpartition(".")[2] in HF_TENSORS)}
+        t for t in source.file_of if not (t.rpartition(".")[0] in quantized and t.rpartition(".")[2] in HF_TENSORS)}
     if bool(model_config.get("tie_word_embeddings", False)):
         present.add("lm_head.weight")
     stray, missing = sorted(present - expected), sorted(expected - present)
@@ -382,7 +382,7 @@ def import_hf_spqr(hf_dir: str | Path, out_dir: str | Path, overwrite: bool = Fa
             for name in quantized:
                 tensors = {}
                 for t in HF_TENSORS:
-                    if f"{name}.{t}" not in source.weight_map:
+                    if f"{name}.{t}" not in source.file_of:
                         raise SpQRError(f"{hf_dir}: layer {name} has no {t} tensor; the checkpoint is incomplete")
                     tensors[t] = source.get(f"{name}.{t}")
                 n, k = linears[name]
@@ -392,7 +392,7 @@ def import_hf_spqr(hf_dir: str | Path, out_dir: str | Path, overwrite: bool = Fa
                 bar.advance(task)
         tied = bool(plain.get("tie_word_embeddings", False))
         dense_meta: dict[str, dict[str, Any]] = {}
-        for tname in sorted(source.weight_map):
+        for tname in sorted(source.file_of):
             module, _, leaf = tname.rpartition(".")
             if (module in layers and leaf in HF_TENSORS) or (tied and tname == "lm_head.weight"):
                 continue  # converted above, or tied to the input embedding

@@ -21,7 +21,6 @@ import torch
 
 from spqr_cli.core.errors import SpQRError
 from spqr_cli.core.io import (
-    SHARD_INDEX,
     chmod_like_open,
     make_temp_dir,
     output_lock,
@@ -31,6 +30,7 @@ from spqr_cli.core.io import (
     user_os_errors,
     write_shard_index,
 )
+from spqr_cli.core.streaming import CheckpointWeights
 from spqr_cli.format.checkpoint import (
     CONFIG_NAME,
     DEFAULT_SHARD_MB,
@@ -44,7 +44,6 @@ from spqr_cli.format.checkpoint import (
     file_sha256,
     layer_scalars,
     model_fingerprint,
-    short_error,
     tensor_info,
 )
 from spqr_cli.quant.record import QuantizedLayer, load_records
@@ -137,47 +136,6 @@ class _ShardWriter:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# reading a dense HF checkpoint lazily (the quantizer's dense/ dir)
-
-
-class _DenseCheckpoint:
-    """Lazy name -> tensor access over a HF safetensors checkpoint (single file or index + shards)."""
-
-    def __init__(self, directory: Path, fix: str = "re-run `spqr quantize`") -> None:
-        from safetensors import safe_open
-
-        index = directory / SHARD_INDEX
-        if index.is_file():
-            weight_map = read_json(index, "Hugging Face checkpoint").get("weight_map")
-            if not isinstance(weight_map, dict) or not all(isinstance(v, str) and "/" not in v
-                                                           for v in weight_map.values()):
-                raise SpQRError(f"{index} has no valid weight_map; {fix}")
-        elif (directory / "model.safetensors").is_file():
-            try:
-                with safe_open(str(directory / "model.safetensors"), framework="pt") as f:
-                    weight_map = {k: "model.safetensors" for k in f.keys()}  # noqa: SIM118
-            except Exception as e:  # safetensors raises several types on damaged headers/truncation
-                raise SpQRError(f"{directory}/model.safetensors is corrupted or truncated ({short_error(e)}); "
-                                f"{fix}") from None
-        else:
-            raise SpQRError(f"{directory} holds no model.safetensors; the quantization output is incomplete")
-        self.directory, self.weight_map, self.fix = directory, weight_map, fix
-        self._handles: dict[str, Any] = {}
-
-    def get(self, name: str) -> torch.Tensor:
-        from safetensors import safe_open
-
-        file = self.weight_map[name]
-        try:
-            if file not in self._handles:
-                self._handles[file] = safe_open(str(self.directory / file), framework="pt")
-            return self._handles[file].get_tensor(name)
-        except Exception as e:  # truncated or damaged shard, missing file
-            raise SpQRError(f"cannot read {name} from {self.directory / file} ({short_error(e)}); the "
-                            f"checkpoint is damaged, {self.fix}") from None
-
-
-# ---------------------------------------------------------------------------------------------------------------
 # pack
 
 
@@ -197,7 +155,7 @@ def pack_model(quant_dir: str | Path, out_dir: str | Path, shard_size_mb: int = 
     if not record_files:
         raise SpQRError(f"{quant_dir}/records holds no layer records; run or resume `spqr quantize` first")
     expected_layers = list(qcfg.get("layers", []))
-    dense = _DenseCheckpoint(dense_dir)
+    dense = CheckpointWeights(dense_dir, name=str(dense_dir), fix="re-run `spqr quantize`")
 
     # hashed before the shards are written: every shard's header carries them (see docs/format.md)
     all_files = {f: file_sha256(dense_dir / f) for f in MODEL_FILES if (dense_dir / f).is_file()}
@@ -219,7 +177,7 @@ def pack_model(quant_dir: str | Path, out_dir: str | Path, shard_size_mb: int = 
         quantized_weights = {f"{n}.weight" for n in layers}
         tied = bool(model_config.get("tie_word_embeddings", False))
         dense_meta: dict[str, dict[str, Any]] = {}
-        for tname in sorted(dense.weight_map):
+        for tname in sorted(dense.file_of):
             if tname in quantized_weights or (tied and tname == "lm_head.weight"):
                 continue  # quantized (packed above) or tied to the input embedding: stored once
             t = dense.get(tname)
@@ -298,10 +256,10 @@ def _dense_model_config(config_path: Path) -> str:
     return json.dumps({k: v for k, v in cfg.items() if k != "quantization_config"}, indent=2) + "\n"
 
 
-def _pack_layer(name: str, rec: QuantizedLayer, dense: _DenseCheckpoint, writer: _ShardWriter) -> dict[str, Any]:
+def _pack_layer(name: str, rec: QuantizedLayer, dense: CheckpointWeights, writer: _ShardWriter) -> dict[str, Any]:
     wname = f"{name}.weight"
-    if wname in dense.weight_map:
-        shape = tuple(dense.get(wname).shape)
+    if wname in dense.file_of:
+        shape = dense.headers[wname][0]
         if shape != (rec.out_features, rec.in_features):
             raise SpQRError(f"record {name} has shape {(rec.out_features, rec.in_features)} but the dense "
                             f"checkpoint has {shape}; the quantization directory is inconsistent")
