@@ -355,7 +355,7 @@ def quantize(
         show_default=False)] = None,
     target_bits: Annotated[float | None, typer.Option(
         "--target-bits", help="Bits per weight each layer may take, measured from its packed bytes (what `spqr "
-        "inspect` reports): instead of one tau, every layer keeps as many outliers as fit (spqr only; ~9 "
+        "inspect` reports): instead of one tau, every layer keeps as many outliers as fit (spqr only; ~10 "
         "quantizations per layer).", show_default=False)] = None,
     perm: Annotated[Perm | None, typer.Option("--perm", help="Column order: act_order or identity.",
                                               show_default=False)] = None,
@@ -909,13 +909,19 @@ def sweep(
         from spqr_cli.core.errors import SpQRError
 
         check_model_arg(model)
-        names = [d.strip() for d in datasets.split(",") if d.strip()]
+        names = list(dict.fromkeys(d.strip() for d in datasets.split(",") if d.strip()))
+        if not names:
+            raise SpQRError(f"--datasets {datasets!r} names no test set; e.g. --datasets wikitext2")
         for d in [*names, calib_dataset]:
             check_dataset_arg(d, data_dir)
         check_output_file(json_path, "--json")
         check_output_file(plot, "--plot")
+        if plot is not None:
+            from spqr_cli.bench.sweep import check_plot_support
+
+            check_plot_support()  # now, not after hours of quantizing
         try:
-            budgets = [float(b) for b in bits.split(",") if b.strip()]
+            budgets = list(dict.fromkeys(float(b) for b in bits.split(",") if b.strip()))
         except ValueError:
             raise SpQRError(f"--bits {bits!r} must be comma-separated numbers, e.g. 3.5,4,4.5") from None
         if not budgets or any(not math.isfinite(b) or b <= 0 for b in budgets):

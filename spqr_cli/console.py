@@ -28,7 +28,7 @@ def config_line(cfg: Any) -> str:
     if cfg.stat_bits != 16:
         parts += [f"beta2={cfg.beta2}", f"stat_bits={cfg.stat_bits}"]
     if method.outliers:
-        parts.append(f"tau={cfg.outlier_threshold:g}" if getattr(cfg, "target_bits", None) is None
+        parts.append(f"tau={cfg.outlier_threshold:g}" if cfg.target_bits is None
                      else f"target_bits={cfg.target_bits:g} (tau per layer)")
     if method.permutes:
         parts.append(f"perm={cfg.perm}")

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from spqr_cli.bench.sweep import _measured_bits, _shapes, config_for_budget
+from spqr_cli.bench.sweep import _layer_bits, _measured_bits, _shapes, config_for_budget
 from spqr_cli.core.models import load_config
 
 
@@ -22,6 +22,14 @@ def test_configs_fit_their_budgets(demo_model_path):
             assert spqr.target_bits == budget and _measured_bits(spqr, shapes) <= budget
     assert config_for_budget("spqr", 3.0, shapes) is None  # 3-bit codes and statistics alone take more
     assert config_for_budget("gptq", 1.0, shapes) is None
+    # SpQR's budget holds per layer: between the average and the costliest layer's size it is skipped, not run
+    three = config_for_budget("spqr", 9.0, shapes).replace(wbits=3)
+    per_layer = _layer_bits(three, shapes)
+    assert _measured_bits(three, shapes) < max(per_layer)
+    assert config_for_budget("spqr", (_measured_bits(three, shapes) + max(per_layer)) / 2, shapes) is None
+    # GPTQ/RTN take the most code bits that fit: never 2-bit codes in fine groups when 3- or 4-bit codes fit
+    for budget in (4.0, 4.25, 4.5):
+        assert config_for_budget("rtn", budget, shapes).wbits >= 3
 
 
 def test_sweep_command(tmp_path, demo_model_path):
@@ -78,6 +86,7 @@ def test_sweep_rejects_bad_flags(demo_model_path):
 
     for flags, message in ((["--bits", "4,x"], "must be comma-separated numbers"),
                            (["--bits", "-1"], "numbers > 0"), (["--methods", "awq"], "choose from spqr, gptq, rtn"),
-                           (["--seeds", "0,a"], "comma-separated integers")):
+                           (["--seeds", "0,a"], "comma-separated integers"),
+                           (["--datasets", ","], "names no test set")):
         result = CliRunner().invoke(app, ["sweep", str(demo_model_path), *flags], terminal_width=200)
         assert result.exit_code == 2 and message in result.output, result.output

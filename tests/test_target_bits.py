@@ -50,6 +50,9 @@ def test_layer_lands_just_under_its_budget(one_thread):
         assert target - 0.05 <= bits <= target, (target, bits)
         fits.append(rec.nnz)
     assert 0 < fits[0] < fits[1]  # a larger budget buys more outliers
+    # the budget replaces the threshold: a threshold that alone would make every weight an outlier changes nothing
+    same = quantize_layer(w, h, QuantConfig(target_bits=base + 0.5, outlier_threshold=1e-30))
+    assert same.nnz == fits[1]
 
 
 def test_budget_below_the_outlier_free_size_is_a_clear_error(one_thread):
@@ -58,7 +61,7 @@ def test_budget_below_the_outlier_free_size_is_a_clear_error(one_thread):
         quantize_layer(w, h, QuantConfig(target_bits=3.0))
 
 
-@pytest.mark.parametrize("bad, match", [(-1.0, "must be a number"), (math.inf, "must be a number"),
+@pytest.mark.parametrize("bad, match", [(-1.0, "must be a number"), (math.inf, "must be a number"), (16, "and 16"),
                                         (True, "must be a number"), ("4", "must be a number")])
 def test_bad_target_bits(bad, match):
     with pytest.raises(ConfigError, match=match):

@@ -13,9 +13,9 @@ How a budget ``B`` becomes a config, per method:
   64, 32, 16 (fp16 statistics) is searched for the largest measured size ``<= B`` on this model's layer shapes.
 
 A budget a method cannot meet is reported as skipped, not silently moved. With several calibration sets (``spqr
-sweep --seeds 0,1,2``) every point is quantized once per set; it reports the mean over the seeds and the spread
-(sample standard deviation) of its perplexity, increase and measured bits, and the plot draws the spread as error
-bars: differences smaller than the spread are not results.
+sweep --seeds 0,1,2``) every point is quantized once per set; it reports the means over the seeds, the spread
+(sample standard deviation) of the perplexity increase, and each seed's own figures; the plot draws the spread as
+error bars: differences smaller than the spread are not results.
 """
 
 from __future__ import annotations
@@ -64,25 +64,39 @@ def _shapes(model_config: Any) -> list[tuple[int, int]]:
     return [(h, h), (kv * head_dim, h), (kv * head_dim, h), (h, h), (i, h), (i, h), (h, i)]
 
 
-def _measured_bits(cfg: QuantConfig, shapes: Sequence[tuple[int, int]]) -> float:
+def _layer_bits(cfg: QuantConfig, shapes: Sequence[tuple[int, int]]) -> list[float]:
+    """Measured bits of each layer shape without outliers (``spqr_kernels.layout.packed_nbytes``)."""
     from spqr_kernels.layout import packed_nbytes
 
-    nbytes = sum(packed_nbytes(cfg.wbits, cfg.group_size_for(k), cfg.beta2, cfg.stat_bits, n, k, 0, cfg.has_perm)
-                 for n, k in shapes)
-    return 8 * nbytes / sum(n * k for n, k in shapes)
+    return [8 * packed_nbytes(cfg.wbits, cfg.group_size_for(k), cfg.beta2, cfg.stat_bits, n, k, 0, cfg.has_perm)
+            / (n * k) for n, k in shapes]
+
+
+def _measured_bits(cfg: QuantConfig, shapes: Sequence[tuple[int, int]]) -> float:
+    """Parameter-weighted measured bits of the layer shapes without outliers."""
+    params = [n * k for n, k in shapes]
+    return sum(b * p for b, p in zip(_layer_bits(cfg, shapes), params, strict=True)) / sum(params)
+
+
+OUTLIER_ROOM = 0.05  # bits per weight a budget must leave above 4-bit SpQR's size before the sweep picks 4-bit codes
 
 
 def config_for_budget(method: str, budget: float, shapes: Sequence[tuple[int, int]]) -> QuantConfig | None:
     """The config ``method`` runs at ``budget`` measured bits on layers of ``shapes`` (module docstring), or
-    ``None`` when even its smallest size does not fit."""
+    ``None`` when even its smallest size does not fit.
+
+    SpQR's budget holds per layer (``--target-bits``), so its codes must fit in *every* layer (grouped-query k/v
+    projections are narrow and cost more per weight); 4-bit codes are chosen once they fit everywhere with
+    ``OUTLIER_ROOM`` to spare for outliers. GPTQ/RTN take the most code bits that fit on average, then the finest
+    groups: more bits per code beat finer groups (2-bit codes in groups of 16 measure about as much as 3-bit codes
+    in groups of 64 and are far worse).
+    """
     if method == "spqr":
         four = load_preset("spqr-4.6bit")
-        base = load_preset("spqr-3.9bit") if budget < _measured_bits(four, shapes) + 0.05 else four
-        if _measured_bits(base, shapes) > budget:
+        base = four if max(_layer_bits(four, shapes)) + OUTLIER_ROOM <= budget else load_preset("spqr-3.9bit")
+        if max(_layer_bits(base, shapes)) > budget:
             return None
         return base.replace(target_bits=float(budget))
-    if method not in SWEEP_METHODS:
-        raise SpQRError(f"unknown sweep method {method!r}; choose from {', '.join(SWEEP_METHODS)}")
     template = load_preset(f"{method}-4bit-g128")
     fits = []
     for wbits in _GRID_BITS:
@@ -92,8 +106,8 @@ def config_for_budget(method: str, budget: float, shapes: Sequence[tuple[int, in
             cfg = template.replace(wbits=wbits, groupsize=gs)
             bits = _measured_bits(cfg, shapes)
             if bits <= budget:
-                fits.append((bits, -gs if gs else -10**9, cfg))  # ties: the smaller groups (finer statistics)
-    return max(fits, key=lambda f: (f[0], f[1]))[2] if fits else None
+                fits.append(((wbits, bits), cfg))
+    return max(fits, key=lambda f: f[0])[1] if fits else None
 
 
 def _mean_std(values: Sequence[float]) -> tuple[float, float]:
@@ -148,9 +162,14 @@ def run_sweep(
                 log(f"{method} @ {budget:g} bits, seed {seed}: quantizing "
                     f"({', '.join(f'{k}={v}' for k, v in cfg.to_dict().items())})")
                 quant, packed = work / f"{method}-{budget:g}-s{seed}", work / f"{method}-{budget:g}-s{seed}-packed"
-                quantize_model(model, cfg, quant, calib.input_ids, calib.manifest, device=device)
-                if not (packed / "spqr_config.json").is_file():
-                    pack_model(quant, packed)
+                try:
+                    quantize_model(model, cfg, quant, calib.input_ids, calib.manifest, device=device)
+                except SpQRError as e:
+                    if "--restart" not in str(e):
+                        raise
+                    raise SpQRError(f"{quant} holds a run with other settings than this sweep's; choose another "
+                                    f"--work-dir or delete {quant}") from None
+                pack_model(quant, packed, overwrite=True)  # from this run's records, whatever was there before
                 info = inspect_packed(packed)["totals"]
                 runs.append({"seed": seed, "bits_measured": info["quantized_bits_measured"],
                              "bits_formula": info["quantized_bits_formula"], "outlier_pct": info["outlier_pct"],
@@ -163,11 +182,19 @@ def run_sweep(
                 {d: _mean_std(increase[d])[0] for d in datasets}, {d: _mean_std(increase[d])[1] for d in datasets},
                 runs, time.perf_counter() - t)
             points.append(point)
+            spread = {d: f" ± {point.increase_spread[d]:.2f}" if len(runs) > 1 else "" for d in datasets}
             log(f"{method} @ {budget:g}: {point.bits_measured:.3f} bits, " + ", ".join(
-                f"{d} {point.perplexity[d]:.3f} (+{point.increase_pct[d]:.2f}% ± {point.increase_spread[d]:.2f})"
-                for d in datasets))
+                f"{d} {point.perplexity[d]:.3f} (+{point.increase_pct[d]:.2f}%{spread[d]})" for d in datasets))
     return {"model": model, "datasets": list(datasets), "seqlen": seqlen, "max_windows": max_windows,
             "calibration": [c.manifest for c in calibrations], "fp16": fp16, "points": [asdict(p) for p in points]}
+
+
+def check_plot_support() -> None:
+    """Raise the one-line error a missing matplotlib gets (``--plot``), before any work."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise SpQRError('--plot needs matplotlib: pip install -e ".[plot]" (or leave out --plot)') from None
 
 
 def write_sweep(result: dict[str, Any], json_path: Path | None, plot_path: Path | None) -> None:
@@ -177,13 +204,11 @@ def write_sweep(result: dict[str, Any], json_path: Path | None, plot_path: Path 
         write_json(result, json_path)
     if plot_path is None:
         return
-    try:
-        import matplotlib
+    check_plot_support()
+    import matplotlib
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise SpQRError('--plot needs matplotlib: pip install -e ".[plot]" (or leave out --plot)') from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
     datasets = result["datasets"]
     fig, axes = plt.subplots(1, len(datasets), figsize=(5.5 * len(datasets), 4.2), squeeze=False)
     for ax, d in zip(axes[0], datasets, strict=True):

@@ -82,8 +82,9 @@ class QuantConfig:
             raise ConfigError(f"--percdamp {self.percdamp} must be a finite number > 0")
         if self.target_bits is not None:
             tb = self.target_bits
-            if isinstance(tb, bool) or not isinstance(tb, (int, float)) or not math.isfinite(tb) or tb <= 0:
-                raise ConfigError(f"--target-bits {tb!r} must be a number of bits per weight > 0, e.g. 4.0")
+            if isinstance(tb, bool) or not isinstance(tb, (int, float)) or not math.isfinite(tb) or not 0 < tb < 16:
+                raise ConfigError(f"--target-bits {tb!r} must be a number of bits per weight between 0 and 16 (fp16), "
+                                  "e.g. 4.0")
             if not get_method(self.method).outliers:
                 raise ConfigError(f"--target-bits chooses how many outliers each layer keeps; method {self.method!r} "
                                   "has none (use --method spqr, or set --wbits/--groupsize for the size you want)")

@@ -528,6 +528,9 @@ def _load_block(record_path: Path, prefix: str, adapter: FamilyAdapter) -> tuple
     if set(records) != expected:
         raise SpQRError(f"{record_path.name} does not hold the layers of {prefix}; pass --restart to quantize "
                         "again from scratch")
+    for row in rows:  # rows saved before the field existed: the records give it
+        if math.isnan(row.bits_measured) and row.name in records:
+            row.bits_measured = records[row.name].packed_bits()
     return records, rows
 
 

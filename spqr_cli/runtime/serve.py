@@ -579,13 +579,15 @@ def serve_model(path: str | Path, host: str = "127.0.0.1", port: int = 8000, nam
         raise SpQRError(f"--port must be in 0..65535, got {port}")
     resolve_device(device)
     name = name or Path(str(path).rstrip("/")).name or str(path)
-    server = _bind(host, port)  # before the load: a taken port is reported at once, not after minutes of loading
+    # bound before the load: a taken port is reported at once, not after minutes of loading (connections made
+    # meanwhile wait in the listen queue until serving starts)
+    server = _bind(host, port)
     try:
         model, tokenizer = load_for_generation(path, device, verify)
+        _attach(server, model, tokenizer, name, compile, log, log)
     except BaseException:
         server.server_close()
         raise
-    _attach(server, model, tokenizer, name, compile, log, log)
     bound_host, bound_port = server.server_address[:2]
     if on_ready is not None:
         on_ready(f"serving {name!r} on http://{bound_host}:{bound_port}/v1 (OpenAI API: /v1/models, "

@@ -173,7 +173,8 @@ def quantize_obs(weight: torch.Tensor, hessian: torch.Tensor, cfg: QuantConfig, 
 # --------------------------------------------------------------------------------------------------------------
 # a bit budget instead of a fixed threshold
 
-BUDGET_PROBES = 9  # quantizations per layer under --target-bits: tau within ~2% of the budget's (see fit_budget)
+BUDGET_PROBES = 10  # quantizations per layer under --target-bits: tau within ~2% of the budget's (see fit_budget)
+TAU_RANGE = (1e-4, 1e3)  # thresholds searched: from nearly every weight an outlier to none
 
 
 def outlier_budget(cfg: QuantConfig, n: int, k: int) -> int:
@@ -198,14 +199,14 @@ def fit_budget(weight: torch.Tensor, hessian: torch.Tensor, cfg: QuantConfig) ->
 
     More outliers never hurt the layer's error, so the best layer under a budget keeps as many as fit. The
     outlier count falls as τ rises (not strictly: error feedback moves the weights), so this bisects log τ over
-    [τ₀/64, 64 τ₀] (τ₀: the config's threshold, or the default 0.2 if it is inf) with ``BUDGET_PROBES`` full
-    quantizations and keeps the last record that fits; if none does, the layer gets no outliers. Each probe is the
-    whole column loop, so a budgeted run costs ~9x a fixed-τ one in the loop (the Hessians are computed once).
+    ``TAU_RANGE`` (the config's own τ is not used: the budget replaces it) with ``BUDGET_PROBES`` full
+    quantizations and keeps the last record that fits; if none does (a budget with room for almost no outlier),
+    the layer gets none. Each probe is the whole column loop, so a budgeted run costs ~10x a fixed-τ one in the
+    loop (the Hessians are computed once).
     """
     n, k = weight.shape
     allowed = outlier_budget(cfg, n, k)
-    tau0 = cfg.outlier_threshold if math.isfinite(cfg.outlier_threshold) else QuantConfig.outlier_threshold
-    lo, hi = math.log(tau0 / 64), math.log(tau0 * 64)
+    lo, hi = math.log(TAU_RANGE[0]), math.log(TAU_RANGE[1])
     best = None
     for _ in range(BUDGET_PROBES):
         mid = (lo + hi) / 2
