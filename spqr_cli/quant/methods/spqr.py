@@ -197,8 +197,9 @@ def outlier_budget(cfg: QuantConfig, n: int, k: int) -> int:
 def fit_budget(weight: torch.Tensor, hessian: torch.Tensor, cfg: QuantConfig) -> QuantizedLayer:
     """SpQR with the layer's own threshold: the smallest τ whose outliers fit ``outlier_budget``.
 
-    More outliers never hurt the layer's error, so the best layer under a budget keeps as many as fit. The
-    outlier count falls as τ rises (not strictly: error feedback moves the weights), so this bisects log τ over
+    Each outlier removes one weight's quantization error, so under a budget the layer keeps as many as fit (the
+    layer's error falls; the model's perplexity need not, see docs/benchmarks.md section 7). The outlier count
+    falls as τ rises (not strictly: error feedback moves the weights), so this bisects log τ over
     ``TAU_RANGE`` (the config's own τ is not used: the budget replaces it) with ``BUDGET_PROBES`` full
     quantizations and keeps the last record that fits; if none does (a budget with room for almost no outlier),
     the layer gets none. Each probe is the whole column loop, so a budgeted run costs ~10x a fixed-τ one in the
