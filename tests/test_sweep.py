@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from spqr_cli.bench.sweep import _layer_bits, _measured_bits, _shapes, config_for_budget
+from spqr_cli.bench.sweep import _measured_bits, _shapes, config_for_budget
 from spqr_cli.core.models import load_config
 
 
@@ -24,7 +24,7 @@ def test_configs_fit_their_budgets(demo_model_path):
     assert config_for_budget("gptq", 1.0, shapes) is None
     # SpQR's budget holds per layer: between the average and the costliest layer's size it is skipped, not run
     three = config_for_budget("spqr", 9.0, shapes).replace(wbits=3)
-    per_layer = _layer_bits(three, shapes)
+    per_layer = three.layer_bits(shapes)
     assert _measured_bits(three, shapes) < max(per_layer)
     assert config_for_budget("spqr", (_measured_bits(three, shapes) + max(per_layer)) / 2, shapes) is None
     # GPTQ/RTN take the most code bits that fit: never 2-bit codes in fine groups when 3- or 4-bit codes fit

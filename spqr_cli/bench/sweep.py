@@ -64,18 +64,10 @@ def _shapes(model_config: Any) -> list[tuple[int, int]]:
     return [(h, h), (kv * head_dim, h), (kv * head_dim, h), (h, h), (i, h), (i, h), (h, i)]
 
 
-def _layer_bits(cfg: QuantConfig, shapes: Sequence[tuple[int, int]]) -> list[float]:
-    """Measured bits of each layer shape without outliers (``spqr_kernels.layout.packed_nbytes``)."""
-    from spqr_kernels.layout import packed_nbytes
-
-    return [8 * packed_nbytes(cfg.wbits, cfg.group_size_for(k), cfg.beta2, cfg.stat_bits, n, k, 0, cfg.has_perm)
-            / (n * k) for n, k in shapes]
-
-
 def _measured_bits(cfg: QuantConfig, shapes: Sequence[tuple[int, int]]) -> float:
-    """Parameter-weighted measured bits of the layer shapes without outliers."""
+    """Parameter-weighted measured bits of the layer shapes without outliers (``QuantConfig.layer_bits``)."""
     params = [n * k for n, k in shapes]
-    return sum(b * p for b, p in zip(_layer_bits(cfg, shapes), params, strict=True)) / sum(params)
+    return sum(b * p for b, p in zip(cfg.layer_bits(list(shapes)), params, strict=True)) / sum(params)
 
 
 OUTLIER_ROOM = 0.05  # bits per weight a budget must leave above 4-bit SpQR's size before the sweep picks 4-bit codes
@@ -93,8 +85,8 @@ def config_for_budget(method: str, budget: float, shapes: Sequence[tuple[int, in
     """
     if method == "spqr":
         four = load_preset("spqr-4.6bit")
-        base = four if max(_layer_bits(four, shapes)) + OUTLIER_ROOM <= budget else load_preset("spqr-3.9bit")
-        if max(_layer_bits(base, shapes)) > budget:
+        base = four if max(four.layer_bits(list(shapes))) + OUTLIER_ROOM <= budget else load_preset("spqr-3.9bit")
+        if max(base.layer_bits(list(shapes))) > budget:
             return None
         return base.replace(target_bits=float(budget))
     template = load_preset(f"{method}-4bit-g128")
@@ -128,21 +120,25 @@ def run_sweep(
     Each run's quantization and packed checkpoint go to ``work_dir/<method>-<budget>-s<seed>`` (kept, so a sweep
     that stops can be re-run: finished quantizations are found and not repeated, as ``spqr quantize`` does).
     """
-    from spqr_cli.core.evaluate import evaluate_path
+    from spqr_cli.core.evaluate import default_seqlen, evaluate_perplexity
     from spqr_cli.core.models import load_config
     from spqr_cli.format.inspect import inspect_packed
     from spqr_cli.format.pack import pack_model
     from spqr_cli.quant.driver import quantize_model
+    from spqr_cli.runtime.loader import load_any_model
 
     for m in methods:
         if m not in SWEEP_METHODS:
             raise SpQRError(f"unknown sweep method {m!r}; choose from {', '.join(SWEEP_METHODS)}")
-    shapes = _shapes(load_config(model))
+    config = load_config(model)
+    default_seqlen(config, seqlen)  # a too-long --seqlen fails before any work
+    shapes = _shapes(config)
     work = Path(work_dir)
 
-    def scores(path: str) -> dict[str, float]:
-        return {d: evaluate_path(path, d, device=device, seqlen=seqlen, max_windows=max_windows,
-                                 data_dir=data_dir).perplexity for d in datasets}
+    def scores(path: str) -> dict[str, float]:  # one load (with its checksum pass) for every test set
+        net, tokenizer = load_any_model(path, "fp16", device)
+        return {d: evaluate_perplexity(net, tokenizer, d, seqlen=seqlen, max_windows=max_windows,
+                                       data_dir=data_dir).perplexity for d in datasets}
 
     fp16 = scores(model)
     log(f"fp16: {fp16}")
@@ -170,7 +166,7 @@ def run_sweep(
                     raise SpQRError(f"{quant} holds a run with other settings than this sweep's; choose another "
                                     f"--work-dir or delete {quant}") from None
                 pack_model(quant, packed, overwrite=True)  # from this run's records, whatever was there before
-                info = inspect_packed(packed)["totals"]
+                info = inspect_packed(packed, verify=False)["totals"]  # (scoring loads it with its checksums)
                 runs.append({"seed": seed, "bits_measured": info["quantized_bits_measured"],
                              "bits_formula": info["quantized_bits_formula"], "outlier_pct": info["outlier_pct"],
                              "perplexity": scores(str(packed))})

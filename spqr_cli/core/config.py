@@ -122,19 +122,24 @@ class QuantConfig:
         return formula_bits(self.wbits, self.group_size_for(in_features), self.beta2, self.stat_bits, out_features,
                             outlier_fraction, self.has_perm)
 
+    def layer_bits(self, shapes: list[tuple[int, int]], outlier_fraction: float = 0.0) -> list[float]:
+        """Measured bits per weight of layers of ``shapes`` ``(out, in)`` with ``outlier_fraction`` outliers: their
+        packed bytes (``spqr_kernels.layout.packed_nbytes``), what ``spqr inspect`` reports once packed."""
+        from spqr_kernels.layout import packed_nbytes
+
+        return [8 * packed_nbytes(self.wbits, self.group_size_for(k), self.beta2, self.stat_bits, n, k,
+                                  round(outlier_fraction * n * k), self.has_perm) / (n * k) for n, k in shapes]
+
     def model_bits(self, hidden: int = 4096, intermediate: int = 11008,
                    outlier_fraction: float = 0.0) -> tuple[float, float]:
         """``(formula, measured)`` bits per weight over a LLaMA block's linear layers (4 of ``hidden x hidden``, 3 of
         ``hidden x intermediate``; default: LLaMA-7B) with ``outlier_fraction`` outliers: what ``spqr presets``
-        shows. Measured is the packed bytes (``spqr_kernels.layout.packed_nbytes``), what ``spqr inspect`` reports."""
-        from spqr_kernels.layout import packed_nbytes
-
+        shows; measured as in ``layer_bits``."""
         shapes = [(hidden, hidden)] * 4 + [(intermediate, hidden)] * 2 + [(hidden, intermediate)]
-        params = sum(n * k for n, k in shapes)
-        formula = sum(self.formula_bits(k, n, outlier_fraction) * n * k for n, k in shapes) / params
-        nbytes = sum(packed_nbytes(self.wbits, self.group_size_for(k), self.beta2, self.stat_bits, n, k,
-                                   round(outlier_fraction * n * k), self.has_perm) for n, k in shapes)
-        return formula, 8 * nbytes / params
+        params = [n * k for n, k in shapes]
+        formula = sum(self.formula_bits(k, n, outlier_fraction) * p for (n, k), p in zip(shapes, params, strict=True))
+        measured = sum(b * p for b, p in zip(self.layer_bits(shapes, outlier_fraction), params, strict=True))
+        return formula / sum(params), measured / sum(params)
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)

@@ -51,14 +51,18 @@ SHARD_INDEX = "model.safetensors.index.json"  # transformers' map of tensor name
 
 
 def write_shard_index(directory: str | os.PathLike, weight_map: dict[str, str],
-                      metadata: dict[str, Any] | None = None) -> Path:
-    """``directory/model.safetensors.index.json`` for a sharded checkpoint (how transformers finds the shards),
-    readable like the shards. Written inside a directory that is itself renamed into place when complete."""
-    path = Path(directory) / SHARD_INDEX
-    path.write_text(json.dumps({"metadata": metadata or {}, "weight_map": dict(sorted(weight_map.items()))},
-                               indent=2) + "\n")
-    chmod_like_open(path)
-    return path
+                      metadata: dict[str, Any] | None = None) -> list[str]:
+    """The shard files of a checkpoint written to ``directory`` (tensor name -> file in ``weight_map``), sorted,
+    after writing ``model.safetensors.index.json`` when there are several: transformers finds multi-shard weights
+    through that index and a single file needs none. Readable like the shards; written inside a directory that is
+    itself renamed into place when complete."""
+    shards = sorted(set(weight_map.values()))
+    if len(shards) > 1:
+        path = Path(directory) / SHARD_INDEX
+        path.write_text(json.dumps({"metadata": metadata or {}, "weight_map": dict(sorted(weight_map.items()))},
+                                   indent=2) + "\n")
+        chmod_like_open(path)
+    return shards
 
 
 def save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike,

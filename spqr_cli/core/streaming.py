@@ -292,9 +292,8 @@ class StreamedCheckpointWriter:
         if missing:
             raise SpQRError(f"internal error: {len(missing)} tensors of the output were never written "
                             f"(first: {missing[0]})")
-        if len(self.files) > 1:
-            write_shard_index(self.directory, {n: self.files[self.where[n][0]] for n in self.shapes},
-                              {"total_size": self.total_size})
+        write_shard_index(self.directory, {n: self.files[self.where[n][0]] for n in self.shapes},
+                          {"total_size": self.total_size})
 
 
 def replace_dir(tmp: Path, path: Path) -> None:

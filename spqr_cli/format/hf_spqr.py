@@ -311,9 +311,7 @@ def export_hf_spqr(packed_dir: str | Path, out_dir: str | Path, verify: bool = T
             for name in ckpt.dense:
                 writer.add(name, ckpt.load_dense(name))
             shard_of = writer.close()
-            files = sorted(set(shard_of.values()))
-            if len(files) > 1:
-                write_shard_index(tmp, shard_of, {"total_size": writer.total_bytes})
+            files = write_shard_index(tmp, shard_of, {"total_size": writer.total_bytes})
             config = {k: v for k, v in ckpt.model_config.items() if k != "quantization_config"}
             # module names (transformers 5 matches them) and their ".weight" (what the authors' converter writes and
             # transformers 4 matches): each form matches nothing in the other version

@@ -213,9 +213,7 @@ def finish_packed(tmp: Path, writer: _ShardWriter, src_dir: Path, model_config: 
         raise SpQRError(f"{src_dir / 'config.json'} changed while packing; run the command again")
     (tmp / "config.json").write_text(json.dumps(_packed_model_config(model_config), indent=2) + "\n")
     chmod_like_open(tmp / "config.json")
-    shards = sorted(set(shard_of.values()))
-    if len(shards) > 1:  # transformers finds multi-shard weights through the standard index
-        write_shard_index(tmp, shard_of, {"format": FORMAT_NAME})
+    shards = write_shard_index(tmp, shard_of, {"format": FORMAT_NAME})
     cfg: dict[str, Any] = {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
@@ -293,9 +291,7 @@ def unpack_model(packed_dir: str | Path, out_dir: str | Path, verify: bool = Tru
             for name in ckpt.dense:
                 writer.add(name, ckpt.load_dense(name))
             shard_of = writer.close()
-            files = sorted(set(shard_of.values()))
-            if len(files) > 1:
-                write_shard_index(tmp, shard_of, {"total_size": writer.total_bytes})
+            files = write_shard_index(tmp, shard_of, {"total_size": writer.total_bytes})
             for fname in MODEL_FILES:
                 if fname == "config.json":
                     (tmp / fname).write_text(_dense_model_config(ckpt.path / fname))
