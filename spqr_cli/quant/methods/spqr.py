@@ -103,29 +103,39 @@ def _inverse_cholesky(h: torch.Tensor, percdamp: float) -> torch.Tensor:
     return u
 
 
-def quantize_obs(weight: torch.Tensor, hessian: torch.Tensor, cfg: QuantConfig, *, outliers: bool,
-                 holds_zero: bool) -> QuantizedLayer:
-    """Quantize one layer's ``weight`` ``[N, K]`` column by column with error feedback through ``hessian``.
-
-    ``outliers``: select fp16 outliers with ``cfg.outlier_threshold`` (SpQR; off for GPTQ). ``holds_zero``: the
-    grid of ``grid.GroupStats``. The work runs on ``weight.device`` in fp32; the result's tensors are on the CPU.
-    """
-    n, k = weight.shape
-    gs = cfg.group_size_for(k)
-    dev = weight.device
+def prepare_obs(weight: torch.Tensor, hessian: torch.Tensor,
+                cfg: QuantConfig) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """Steps 2-4 (module docstring), which depend on the weight, the Hessian, ``cfg.perm`` and ``cfg.percdamp``
+    only: the fp32 weight in column order with dead columns zeroed, the permutation (or ``None``) and ``U``.
+    Computed once per layer when several thresholds are tried (``fit_budget``)."""
     w = weight.detach().to(dtype=torch.float32, copy=True)
-    codes = torch.empty(n, k, dtype=torch.uint8, device=dev)  # permuted column order
-    groups: list[GroupStats] = []
-
-    h = hessian.detach().to(device=dev, dtype=torch.float32, copy=True)
+    h = hessian.detach().to(device=weight.device, dtype=torch.float32, copy=True)
     perm = None
     if cfg.perm == "act_order":
         perm = torch.argsort(torch.diag(h), descending=True, stable=True)
         w, h = w[:, perm], h[perm][:, perm]
     dead = torch.diag(h) == 0
     w[:, dead] = 0
-    u = _inverse_cholesky(h, cfg.percdamp)
-    del h
+    return w, perm, _inverse_cholesky(h, cfg.percdamp)
+
+
+def quantize_obs(weight: torch.Tensor, hessian: torch.Tensor, cfg: QuantConfig, *, outliers: bool,
+                 holds_zero: bool,
+                 prepared: tuple[torch.Tensor, torch.Tensor | None, torch.Tensor] | None = None) -> QuantizedLayer:
+    """Quantize one layer's ``weight`` ``[N, K]`` column by column with error feedback through ``hessian``.
+
+    ``outliers``: select fp16 outliers with ``cfg.outlier_threshold`` (SpQR; off for GPTQ). ``holds_zero``: the
+    grid of ``grid.GroupStats``. ``prepared``: ``prepare_obs``'s result for this weight, Hessian and config, reused
+    (not modified). The work runs on ``weight.device`` in fp32; the result's tensors are on the CPU.
+    """
+    n, k = weight.shape
+    gs = cfg.group_size_for(k)
+    dev = weight.device
+    codes = torch.empty(n, k, dtype=torch.uint8, device=dev)  # permuted column order
+    groups: list[GroupStats] = []
+    w, perm, u = prepared if prepared is not None else prepare_obs(weight, hessian, cfg)
+    if prepared is not None:
+        w = w.clone()  # the column loop updates it in place
     d = torch.diag(u).clone()
 
     use_outliers = outliers and math.isfinite(cfg.outlier_threshold)
@@ -203,22 +213,23 @@ def fit_budget(weight: torch.Tensor, hessian: torch.Tensor, cfg: QuantConfig) ->
     ``TAU_RANGE`` (the config's own τ is not used: the budget replaces it) with ``BUDGET_PROBES`` full
     quantizations and keeps the last record that fits; if none does (a budget with room for almost no outlier),
     the layer gets none. Each probe is the whole column loop, so a budgeted run costs ~10x a fixed-τ one in the
-    loop (the Hessians are computed once).
+    loop (the Hessians, the permutation and ``U`` are computed once).
     """
     n, k = weight.shape
     allowed = outlier_budget(cfg, n, k)
+    prepared = prepare_obs(weight, hessian, cfg)  # the same for every probe: only the threshold changes
     lo, hi = math.log(TAU_RANGE[0]), math.log(TAU_RANGE[1])
     best = None
     for _ in range(BUDGET_PROBES):
         mid = (lo + hi) / 2
         rec = quantize_obs(weight, hessian, cfg.replace(outlier_threshold=math.exp(mid)), outliers=True,
-                           holds_zero=False)
+                           holds_zero=False, prepared=prepared)
         if rec.nnz <= allowed:
             best, hi = rec, mid  # fits: try a lower threshold (more outliers)
         else:
             lo = mid
     if best is None:
-        best = quantize_obs(weight, hessian, cfg, outliers=False, holds_zero=False)
+        best = quantize_obs(weight, hessian, cfg, outliers=False, holds_zero=False, prepared=prepared)
     return best
 
 
