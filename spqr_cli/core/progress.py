@@ -164,12 +164,18 @@ def _plain(template: str, task: _Task) -> str:
         return text
 
 
-def eta_progress(label: str, unit: str, console: Any = None, trailer: str | None = None) -> Any:
+def eta_progress(label: str, unit: str, console: Any = None, trailer: str | None = None,
+                 enabled: bool = True) -> Any:
     """A progress display with columns ``label | bar | done/total unit | elapsed | ETA | trailer`` on ``console``
-    (default stderr): a transient rich ``Progress`` on a terminal, else a ``PlainProgress`` (one line per unit).
+    (default stderr): a transient rich ``Progress`` on a terminal, else a ``PlainProgress`` (one line per unit);
+    with ``enabled=False`` the same object on a quiet console (library calls that asked for no progress).
 
     ``label`` and ``trailer`` are rich ``TextColumn`` templates (e.g. ``"{task.description}"``).
     """
+    if not enabled:
+        from rich.console import Console
+
+        return PlainProgress(label, unit, Console(quiet=True), trailer)
     console = console or make_console(stderr=True)
     if not console.is_terminal:
         return PlainProgress(label, unit, console, trailer)

@@ -40,10 +40,10 @@ from spqr_cli.core.io import SHARD_INDEX, chmod_like_open, read_json, write_shar
 from spqr_cli.core.streaming import CheckpointWeights
 from spqr_cli.format.checkpoint import DEFAULT_SHARD_MB, MODEL_FILES, PackedCheckpoint, file_sha256, tensor_info
 from spqr_cli.format.pack import (
-    _output_dir,
-    _ShardWriter,
+    ShardWriter,
     add_packed_layer,
     finish_packed,
+    output_dir,
 )
 from spqr_cli.quant.record import QuantizedLayer
 
@@ -242,27 +242,11 @@ def _decode_entries(name: str, n: int, k: int, ro: torch.Tensor,
 # checkpoints
 
 
-class _NoBar:
-    def __enter__(self) -> _NoBar:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        return None
-
-    def add_task(self, *args: Any, **kwargs: Any) -> int:
-        return 0
-
-    def advance(self, *args: Any) -> None:
-        return None
-
-
 def _bar(show: bool, label: str) -> Any:
-    """A progress display over the layers (``core/progress``) or nothing."""
-    if not show:
-        return _NoBar()
+    """The progress display over the layers (``core/progress``; silent unless ``show``)."""
     from spqr_cli.core.progress import eta_progress
 
-    return eta_progress(f"[bold]{label}[/] {{task.description}}", "layers")
+    return eta_progress(f"[bold]{label}[/] {{task.description}}", "layers", enabled=show)
 
 
 def _skeleton(model_config: dict[str, Any]) -> tuple[dict[str, tuple[int, int]], set[str]]:
@@ -299,8 +283,8 @@ def export_hf_spqr(packed_dir: str | Path, out_dir: str | Path, verify: bool = T
         linears, _ = _skeleton(ckpt.model_config)
         not_converted = sorted(set(linears) - set(ckpt.layers))
         shapes: dict[str, int] = {}
-        with _output_dir(Path(out_dir), overwrite, ckpt.path) as tmp:
-            writer = _ShardWriter(tmp, max(1, int(shard_size_mb * 2**20)))
+        with output_dir(Path(out_dir), overwrite, ckpt.path) as tmp:
+            writer = ShardWriter(tmp, shard_size_mb)
             with _bar(progress, "export") as bar:
                 task = bar.add_task("layers", total=len(ckpt.layers))
                 for name, pw in ckpt.iter_layers():
@@ -372,8 +356,8 @@ def import_hf_spqr(hf_dir: str | Path, out_dir: str | Path, overwrite: bool = Fa
     plain = {k: v for k, v in model_config.items() if k != "quantization_config"}
     all_files = {f: file_sha256(hf_dir / f) for f in MODEL_FILES if (hf_dir / f).is_file()}
     files = {f: h for f, h in all_files.items() if f != "config.json"}
-    with _output_dir(out_dir, overwrite, hf_dir) as tmp:
-        writer = _ShardWriter(tmp, max(1, int(shard_size_mb * 2**20)), files_sha256=files)
+    with output_dir(out_dir, overwrite, hf_dir) as tmp:
+        writer = ShardWriter(tmp, shard_size_mb, files_sha256=files)
         layers: dict[str, dict[str, Any]] = {}
         with _bar(progress, "import") as bar:
             task = bar.add_task("layers", total=len(quantized))

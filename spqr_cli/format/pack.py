@@ -53,7 +53,7 @@ HF_QUANT_METHOD = "spqr-cli"  # transformers' quant_method of packed checkpoints
 
 
 @contextlib.contextmanager
-def _output_dir(out_dir: Path, overwrite: bool, source: Path) -> Iterator[Path]:
+def output_dir(out_dir: Path, overwrite: bool, source: Path) -> Iterator[Path]:
     """Yield a fresh temp dir beside ``out_dir``; on success it replaces ``out_dir`` atomically (``swap_in``).
 
     The whole write holds ``out_dir``'s lock, and the emptiness check runs under it, so two writers can never
@@ -80,12 +80,13 @@ def _output_dir(out_dir: Path, overwrite: bool, source: Path) -> Iterator[Path]:
                 raise
 
 
-class _ShardWriter:
+class ShardWriter:
     """Streams tensors into size-capped safetensors shards; final names are assigned once the count is known."""
 
-    def __init__(self, directory: Path, max_bytes: int, prefix: str = "model",
+    def __init__(self, directory: Path, shard_size_mb: float, prefix: str = "model",
                  files_sha256: dict[str, str] | None = None) -> None:
-        self.directory, self.max_bytes, self.prefix = directory, max_bytes, prefix
+        self.directory, self.prefix = directory, prefix
+        self.max_bytes = max(1, int(shard_size_mb * 2**20))
         self.files_sha256 = files_sha256
         self.pending_layers: dict[str, dict[str, Any]] = {}
         self.pending: dict[str, torch.Tensor] = {}
@@ -160,8 +161,8 @@ def pack_model(quant_dir: str | Path, out_dir: str | Path, shard_size_mb: int = 
     # hashed before the shards are written: every shard's header carries them (see docs/format.md)
     all_files = {f: file_sha256(dense_dir / f) for f in MODEL_FILES if (dense_dir / f).is_file()}
     files = {f: h for f, h in all_files.items() if f != "config.json"}  # config.json: config_json_sha256
-    with _output_dir(out_dir, overwrite, quant_dir) as tmp:
-        writer = _ShardWriter(tmp, max(1, int(shard_size_mb * 2**20)), files_sha256=files)
+    with output_dir(out_dir, overwrite, quant_dir) as tmp:
+        writer = ShardWriter(tmp, shard_size_mb, files_sha256=files)
         layers: dict[str, dict[str, Any]] = {}
         for path in record_files:
             try:
@@ -192,7 +193,7 @@ def pack_model(quant_dir: str | Path, out_dir: str | Path, shard_size_mb: int = 
             "shards": cfg["shards"], "bytes": sum((out_dir / s).stat().st_size for s in cfg["shards"])}
 
 
-def finish_packed(tmp: Path, writer: _ShardWriter, src_dir: Path, model_config: dict[str, Any],
+def finish_packed(tmp: Path, writer: ShardWriter, src_dir: Path, model_config: dict[str, Any],
                   all_files: dict[str, str], layers: dict[str, dict[str, Any]], dense_meta: dict[str, dict[str, Any]],
                   source: dict[str, Any]) -> dict[str, Any]:
     """Close the shards and write the rest of a packed directory into ``tmp``: the model files of ``src_dir``
@@ -254,7 +255,7 @@ def _dense_model_config(config_path: Path) -> str:
     return json.dumps({k: v for k, v in cfg.items() if k != "quantization_config"}, indent=2) + "\n"
 
 
-def _pack_layer(name: str, rec: QuantizedLayer, dense: CheckpointWeights, writer: _ShardWriter) -> dict[str, Any]:
+def _pack_layer(name: str, rec: QuantizedLayer, dense: CheckpointWeights, writer: ShardWriter) -> dict[str, Any]:
     wname = f"{name}.weight"
     if wname in dense.file_of:
         shape = dense.headers[wname][0]
@@ -264,7 +265,7 @@ def _pack_layer(name: str, rec: QuantizedLayer, dense: CheckpointWeights, writer
     return add_packed_layer(name, rec.pack(), writer)
 
 
-def add_packed_layer(name: str, pw: PackedWeight, writer: _ShardWriter) -> dict[str, Any]:
+def add_packed_layer(name: str, pw: PackedWeight, writer: ShardWriter) -> dict[str, Any]:
     """Queue one layer's packed tensors (header copy of its scalars included); return its spqr_config entry."""
     meta: dict[str, Any] = {**pw.meta(), "nnz": pw.nnz, "has_perm": "perm" in pw.tensors, "tensors": {}}
     scalars = layer_scalars(meta)
@@ -284,8 +285,8 @@ def unpack_model(packed_dir: str | Path, out_dir: str | Path, verify: bool = Tru
     out_dir = Path(out_dir)
     ckpt = PackedCheckpoint(packed_dir, verify=verify)
     try:
-        with _output_dir(out_dir, overwrite, Path(packed_dir)) as tmp:
-            writer = _ShardWriter(tmp, max(1, int(shard_size_mb * 2**20)))
+        with output_dir(out_dir, overwrite, Path(packed_dir)) as tmp:
+            writer = ShardWriter(tmp, shard_size_mb)
             for name, pw in ckpt.iter_layers():
                 writer.add(f"{name}.weight", QuantizedLayer.from_packed(pw).dequantize())
             for name in ckpt.dense:
