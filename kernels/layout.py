@@ -131,6 +131,9 @@ class PackedWeight:
     beta2: int
     stat_bits: int
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    # ready-to-replay kernel launches of this object's tensors, filled and read by the kernels
+    # (``matvec.DecodeReplay``); runtime state, never saved
+    launches: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
     def num_groups(self) -> int:

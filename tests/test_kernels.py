@@ -7,11 +7,13 @@ tensors to them) on small shapes; the ``gpu`` tests repeat the checks on large s
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
 from spqr_cli.quant.record import QuantizedLayer
-from spqr_kernels import decode, dequantize, matvec, ops, outlier_scatter, reference
+from spqr_kernels import decode, dequantize, launch, matvec, ops, outlier_scatter, reference
 from spqr_kernels.outliers import prepare
 from spqr_kernels.synthetic import random_packed
 
@@ -249,3 +251,68 @@ def test_gpu_decode_columns_past_int16():
     pw = _wide_layer("cuda")
     x = torch.randn(2, pw.in_features, dtype=torch.float16, device="cuda")
     check_close(matvec.spqr_matvec(x, pw), reference.linear_reference(x.float(), pw))
+
+
+def test_replay_passes_the_launchers_arguments(monkeypatch):
+    """``launch.Replay`` hands Triton's compiled launcher the grid, the current stream, the kernel handle and every
+    parameter in order (constexprs too), with the swapped tensors in place; it declines when it cannot be exact."""
+    calls = []
+
+    class Compiled:  # what kernel[grid](...) returns, as far as Replay uses it
+        function, packed_metadata = "function", "metadata"
+
+        @staticmethod
+        def run(*args):
+            calls.append(args)
+
+    fn = SimpleNamespace(arg_names=["x", "w", "n", "out", "A", "B"])
+    monkeypatch.setattr(launch, "_current_stream", lambda index: 100 + index)
+    monkeypatch.setattr(launch, "_hooks_set", lambda: False)
+    replay = launch.Replay.of(fn, Compiled(), (5, 2), ["x0", "w", 7, "out0"], {"B": 2, "A": 1}, swap=(0, 3))
+    replay(1, "x1", "out1")
+    assert calls == [(5, 2, 1, 101, "function", "metadata", None, None, None, "x1", "w", 7, "out1", 1, 2)]
+    assert launch.Replay.of(fn, Compiled(), (5,), ["x0", "w", 7, "out0"], {"A": 1}, swap=(0,)) is None
+    assert launch.Replay.of(fn, object(), (5,), ["x0", "w", 7, "out0"], {"A": 1, "B": 2}, swap=(0,)) is None
+    monkeypatch.setattr(launch, "_hooks_set", lambda: True)  # a profiler's launch hook must see every launch
+    assert launch.Replay.of(fn, Compiled(), (5,), ["x0", "w", 7, "out0"], {"A": 1, "B": 2}, swap=(0,)) is None
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_gpu_decode_replay(dtype, monkeypatch):
+    """A decode call like an earlier one replays its compiled launch (``matvec.DecodeReplay``) with the new
+    tensors; tensors the compiled launch does not fit take the ordinary path; both are right."""
+    _, pw = make(GPU_CASES[1], device="cuda")
+    n, k = pw.out_features, pw.in_features
+    bias = torch.randn(n, dtype=dtype, device="cuda")
+
+    def ref(x: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+        y = reference.linear_reference(x.float().reshape(-1, k), pw, None if b is None else b.float())
+        return y.reshape(*x.shape[:-1], n)
+
+    for shape in [(1, k), (3, k), (2, 1, k), (k,)]:
+        for b in (None, bias):
+            ops.spqr_linear(torch.randn(shape, dtype=dtype, device="cuda"), pw, b)  # compiles, leaves a replay
+            assert (torch.Size(shape), dtype, b is None) in pw.launches
+            with monkeypatch.context() as m:  # the second call must not reach the ordinary launch
+                m.setattr(matvec, "spqr_matvec", lambda *a, **kw: pytest.fail("replay not taken"))
+                x = torch.randn(shape, dtype=dtype, device="cuda")
+                check_close(ops.spqr_linear(x, pw, b), ref(x, b))
+
+    # misaligned activations (a 2-byte offset), a bias of another dtype: the ordinary path, still right
+    x = torch.randn(k + 1, dtype=dtype, device="cuda")[1:].reshape(1, k)
+    assert pw.launches[(x.shape, dtype, False)](x, bias) is None
+    check_close(ops.spqr_linear(x, pw, bias), ref(x, bias))
+    x = torch.randn(1, k, dtype=dtype, device="cuda")
+    assert pw.launches[(x.shape, dtype, False)](x, bias.float()) is None
+    check_close(ops.spqr_linear(x, pw, bias.float()), ref(x, bias))
+
+    # a replay recorded in a CUDA graph reads the captured input at every replay
+    xs = torch.randn(1, k, dtype=dtype, device="cuda")
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        ys = ops.spqr_linear(xs, pw, bias)
+    xs.copy_(torch.randn(1, k, dtype=dtype, device="cuda"))
+    graph.replay()
+    check_close(ys, ref(xs, bias))
