@@ -12,8 +12,9 @@ import itertools
 import torch
 from rich.console import Console
 
-from spqr_cli.bench.layers import bench_layers, llama_shapes, random_packed, render_table, time_cuda, write_json
+from spqr_cli.bench.layers import bench_layers, llama_shapes, random_packed, render_table, time_cuda
 from spqr_cli.bench.peers import parse_peers
+from spqr_cli.core.io import write_json
 
 
 def sweep_decode(shapes, batches, reps: int) -> list[dict]:
@@ -22,7 +23,7 @@ def sweep_decode(shapes, batches, reps: int) -> list[dict]:
 
     rows = []
     for name, n, k in shapes:
-        pw = random_packed(n, k)
+        pw = random_packed(n, k, device="cuda")
         x = torch.randn(1, k, device="cuda", dtype=torch.float16)
         auto = pick_config(n, k, pw)
         splits = (max(1, auto[2] // 2), auto[2], 2 * auto[2])
@@ -67,7 +68,7 @@ def main() -> None:
         rows = bench_layers(shapes, batches, warmup=a.warmup, reps=a.reps, peers=parse_peers(a.peers))
         console.print(render_table(rows))
     if a.json:
-        write_json(rows, a.json, {"sweep": a.sweep})
+        write_json({"sweep": a.sweep, "rows": rows}, a.json)
 
 
 if __name__ == "__main__":
