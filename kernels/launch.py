@@ -66,6 +66,8 @@ class Replay:
         if len(names) < len(args) or set(rest) != set(constexprs):
             return None
         full = [*args, *(constexprs[n] for n in rest)]
+        for i in swap:  # keep no reference to the first call's own tensors (they may live in a CUDA graph's pool)
+            full[i] = None
         grid3 = (*grid, 1, 1)[:3]
         return cls(kernel, (int(grid3[0]), int(grid3[1]), int(grid3[2])), full, swap)
 

@@ -269,6 +269,7 @@ def test_replay_passes_the_launchers_arguments(monkeypatch):
     monkeypatch.setattr(launch, "_current_stream", lambda index: 100 + index)
     monkeypatch.setattr(launch, "_hooks_set", lambda: False)
     replay = launch.Replay.of(fn, Compiled(), (5, 2), ["x0", "w", 7, "out0"], {"B": 2, "A": 1}, swap=(0, 3))
+    assert replay._args[0] is None and replay._args[3] is None  # the first call's tensors are not kept
     replay(1, "x1", "out1")
     assert calls == [(5, 2, 1, 101, "function", "metadata", None, None, None, "x1", "w", 7, "out1", 1, 2)]
     assert launch.Replay.of(fn, Compiled(), (5,), ["x0", "w", 7, "out0"], {"A": 1}, swap=(0,)) is None
@@ -316,3 +317,18 @@ def test_gpu_decode_replay(dtype, monkeypatch):
     xs.copy_(torch.randn(1, k, dtype=dtype, device="cuda"))
     graph.replay()
     check_close(ys, ref(xs, bias))
+
+
+@gpu
+@needs_cuda
+def test_gpu_dense_path_replay():
+    """The many-token path's two launches (dense copy, outlier write) are replayed after the first call."""
+    _, pw = make(GPU_CASES[1], device="cuda")
+    n, k = pw.out_features, pw.in_features
+    for _ in range(3):
+        x = torch.randn(16, k, dtype=torch.float16, device="cuda")
+        check_close(ops.spqr_linear(x, pw), reference.linear_reference(x.float(), pw))
+    assert {"dequantize", "write_outliers"} <= set(pw.launches)
+    dense = torch.zeros(k * n + 1, dtype=torch.float16, device="cuda")[1:].view(k, n)  # not 16-byte aligned
+    expected = outlier_scatter.write_outliers_reference(dense.clone(), pw)
+    assert torch.equal(outlier_scatter.write_outliers(dense, pw), expected)
