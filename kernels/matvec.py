@@ -234,8 +234,8 @@ class _Launch(NamedTuple):
     """The kernel's arguments apart from ``x``, ``bias`` and ``out``, in kernel order.
 
     Kept per layer, token count and bias presence (``outliers.prepare``'s dict): working them out on every call
-    was about a quarter of an eager call's host time. Most of the rest is Triton's launcher, so an uncompiled
-    packed model is still host-bound (use torch.compile; figures in ``docs/benchmarks.md``).
+    was about a quarter of an eager call's host time. Most of the rest was Triton's argument binding, which a
+    repeated call now skips (``DecodeReplay``; figures in ``docs/benchmarks.md``).
     """
 
     grid: tuple[int, int, int]
