@@ -335,8 +335,9 @@ class Perm(str, Enum):
 @app.command()
 def quantize(
     model: Annotated[str, typer.Argument(help="Model directory or hub id (LLaMA, Mistral, Qwen2, OPT, Falcon).")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Output directory (records/, dense/, report.json); "
-                                      "re-running the same command there resumes an interrupted run.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output directory (records/, dense/ or unquantized/, "
+                                      "report.json); re-running the same command there resumes an interrupted "
+                                      "run.")],
     preset: Annotated[str | None, typer.Option(
         "--preset", "-p", help="Method preset (see `spqr presets`) or a YAML file. Default: the method's default "
         "preset (spqr -> spqr-3.9bit, gptq -> gptq-4bit-g128, rtn -> rtn-4bit-g128; `spqr presets` lists every "
@@ -377,11 +378,19 @@ def quantize(
     data_dir: DataDirOpt = None,
     device: DeviceOpt = Device.auto,
     restart: Annotated[bool, typer.Option("--restart", help="Discard a previous run in OUT and start over.")] = False,
+    pack_out: Annotated[Path | None, typer.Option(
+        "--pack", help="Also write the packed checkpoint here when the run finishes (as `spqr pack OUT --out "
+        "PACK` would). Implies --no-dense unless --dense is given.", show_default=False)] = None,
+    dense: Annotated[bool | None, typer.Option(
+        "--dense/--no-dense", help="Write OUT/dense/, the whole model with its quantized layers dequantized (an "
+        "fp16 checkpoint as large as the original), or only the tensors that are not quantized (OUT/unquantized/, "
+        "all `spqr pack` needs). Default: --dense, or --no-dense with --pack.", show_default=False)] = None,
 ) -> None:
     """Quantize every linear layer of MODEL with SpQR (or GPTQ / RTN), block by block, into OUT.
 
     Flags override the preset's values. Without --calib, a calibration set is drawn on the fly (--dataset,
-    --nsamples, --seqlen, --seed) and its manifest is stored with the run. Next: `spqr pack OUT --out PACKED`.
+    --nsamples, --seqlen, --seed) and its manifest is stored with the run. Next: `spqr pack OUT --out PACKED`,
+    or pass --pack PACKED to write it at the end of the run (for large models: no dense fp16 copy is written).
     """
     with user_errors():
         from spqr_cli.core.errors import SpQRError
@@ -396,6 +405,14 @@ def quantize(
             raise SpQRError(f"calibration file {str(calib)!r} not found; make one with `spqr calibrate`")
         if out.exists() and not out.is_dir() or any(p.is_file() for p in out.absolute().parents):
             raise SpQRError(f"--out {out} is a file or lies below one; choose a directory path")
+        if pack_out is not None:
+            if pack_out.absolute() == out.absolute() or out.absolute() in pack_out.absolute().parents:
+                raise SpQRError(f"--pack {pack_out} lies inside --out {out}; choose a directory outside it")
+            if pack_out.exists() and not pack_out.is_dir() or any(p.is_file() for p in pack_out.absolute().parents):
+                raise SpQRError(f"--pack {pack_out} is a file or lies below one; choose a directory path")
+            if pack_out.is_dir() and any(pack_out.iterdir()) and not (pack_out / "spqr_config.json").is_file():
+                raise SpQRError(f"--pack {pack_out} exists and is not a packed checkpoint; choose another path")
+        write_dense = dense if dense is not None else pack_out is None
         from spqr_cli.core.config import build_config
 
         cfg = build_config(preset, method.value if method else None, wbits=wbits, groupsize=groupsize, beta2=beta2,
@@ -428,17 +445,23 @@ def quantize(
 
         with quant_progress() as progress:
             report = quantize_model(model, cfg, out, ids, calib_set.manifest, device=device.value, restart=restart,
-                                    progress=progress)
+                                    progress=progress, dense=write_dense)
         if report.from_saved:
             console().print(f"{out} already holds this finished run (same model, config and calibration): showing "
                             "its saved report; pass --restart to quantize again")
         print_quant_report(report, out)
+        if pack_out is not None:
+            ours = _packed_from(pack_out, out)  # an earlier --pack of this very run is rewritten
+            if pack_out.is_dir() and any(pack_out.iterdir()) and not ours:
+                raise SpQRError(f"--pack {pack_out} holds a packed checkpoint of another model or config; the run "
+                                f"in {out} is complete: pack it elsewhere with `spqr pack {out} --out DIR`")
+            _pack_and_summarize(out, pack_out, shard_size=2048, overwrite=ours)
 
 
 @app.command()
 def pack(
     quant_dir: Annotated[Path, typer.Argument(help="Output directory of `spqr quantize` (quant_config.json, records/, "
-                                              "dense/).")],
+                                              "dense/ or unquantized/).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Packed checkpoint directory to write.")],
     shard_size: ShardSizeOpt = 2048,
     overwrite: OverwriteOpt = False,
@@ -449,14 +472,32 @@ def pack(
     """
     with user_errors():
         check_input_dir(quant_dir, "quantization directory", "create it with `spqr quantize MODEL --out DIR`")
-        from spqr_cli.format.inspect import inspect_packed
-        from spqr_cli.format.pack import pack_model
+        _pack_and_summarize(quant_dir, out, shard_size, overwrite)
 
-        summary = pack_model(quant_dir, out, shard_size_mb=shard_size, overwrite=overwrite)
-        t = inspect_packed(out, verify=False)["totals"]
-        typer.echo(f"wrote {out}: {summary['layers']} quantized layers in {len(summary['shards'])} shard(s), "
-                   f"{t['disk_bytes'] / 2**20:.2f} MiB ({t['quantized_bits_measured']:.3f} bits/param in quantized "
-                   f"layers, {t['bits_per_param']:.3f} overall, {t['compression_ratio']:.2f}x smaller than fp16)")
+
+def _pack_and_summarize(quant_dir: Path, out: Path, shard_size: int, overwrite: bool) -> None:
+    """``pack_model`` and the one-line summary `spqr pack` and `spqr quantize --pack` print."""
+    from spqr_cli.format.inspect import inspect_packed
+    from spqr_cli.format.pack import pack_model
+
+    summary = pack_model(quant_dir, out, shard_size_mb=shard_size, overwrite=overwrite)
+    t = inspect_packed(out, verify=False)["totals"]
+    typer.echo(f"wrote {out}: {summary['layers']} quantized layers in {len(summary['shards'])} shard(s), "
+               f"{t['disk_bytes'] / 2**20:.2f} MiB ({t['quantized_bits_measured']:.3f} bits/param in quantized "
+               f"layers, {t['bits_per_param']:.3f} overall, {t['compression_ratio']:.2f}x smaller than fp16)")
+
+
+def _packed_from(packed_dir: Path, quant_dir: Path) -> bool:
+    """Whether ``packed_dir`` is a packed checkpoint of the same source model and quantization config as the run in
+    ``quant_dir`` (re-running a finished `spqr quantize --pack` then rewrites it instead of refusing)."""
+    import json
+
+    try:
+        packed = json.loads((packed_dir / "spqr_config.json").read_text())
+        run = json.loads((quant_dir / "quant_config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return packed.get("source_model") == run.get("model") and packed.get("quant_config") == run.get("config")
 
 
 @app.command()

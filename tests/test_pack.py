@@ -388,3 +388,51 @@ def test_real_docs_llama_3m(tmp_path: Path) -> None:
     # 3.85 bits of codes + stats, plus perm (32/N), CSR row pointers (32/K) and 0.5 % outliers: large on 128-wide
     assert 4.3 < t["quantized_bits_measured"] < 4.7
     assert t["compression_ratio"] > 1.3  # the 8192x128 fp16 embedding is half of this model
+
+
+def _shard_tensors(directory: Path) -> dict[str, torch.Tensor]:
+    tensors: dict[str, torch.Tensor] = {}
+    for f in sorted(directory.glob("*.safetensors")):
+        tensors.update(load_file(str(f)))
+    return tensors
+
+
+def test_quantize_pack_writes_no_dense_copy_and_packs_the_same(quantized_demo, demo_model_path, tmp_path, one_thread):
+    """`spqr quantize --pack` (issue 21): no dense/ (only the unquantized tensors and the model files), and the packed
+    checkpoint has exactly the tensors and layer metadata of `spqr quantize` + `spqr pack` on the same inputs."""
+    from typer.testing import CliRunner
+
+    from spqr_cli.cli import app
+    from spqr_cli.demo import DEMO_CALIB
+    from spqr_cli.runtime.loader import model_kind
+
+    runner = CliRunner()
+    quant, packed = tmp_path / "quant", tmp_path / "packed"
+    args = ["quantize", str(demo_model_path), "--out", str(quant), "--dataset", f"file:{DEMO_CALIB}", "--nsamples",
+            "4", "--seqlen", "64", "--device", "cpu", "--pack", str(packed)]
+    result = runner.invoke(app, args, terminal_width=200)
+    assert result.exit_code == 0, result.output
+    assert f"wrote {packed}" in result.output
+    assert not (quant / "dense").exists() and (quant / "unquantized" / "config.json").is_file()
+    linears = json.loads((quant / "quant_config.json").read_text())["layers"]
+    stored = _shard_tensors(quant / "unquantized")
+    assert not {f"{n}.weight" for n in linears} & set(stored)  # no quantized weight is written dense
+    dense = _shard_tensors(quantized_demo["quant"] / "dense")
+    assert all(torch.equal(t, dense[k]) for k, t in stored.items())
+    assert set(dense) - set(stored) == {f"{n}.weight" for n in linears}
+
+    ours, theirs = _shard_tensors(packed), _shard_tensors(quantized_demo["packed"])
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    layers = [json.loads((d / CONFIG_NAME).read_text())["layers"] for d in (packed, quantized_demo["packed"])]
+    assert json.dumps(layers[0], sort_keys=True) == json.dumps(layers[1], sort_keys=True)
+
+    with pytest.raises(SpQRError, match="without a dense copy"):  # nothing to evaluate in QUANT_DIR itself
+        model_kind(str(quant))
+    again = runner.invoke(app, args, terminal_width=200)  # the finished run, packed again into its own output
+    assert again.exit_code == 0 and "already holds this finished run" in again.output, again.output
+    dense_again = runner.invoke(app, [*args[:-2], "--dense"], terminal_width=200)
+    assert dense_again.exit_code == 2 and "without a dense copy" in dense_again.output
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("keep")
+    refused = runner.invoke(app, [*args[:-1], str(tmp_path / "other")], terminal_width=200)
+    assert refused.exit_code == 2 and "is not a packed checkpoint" in refused.output

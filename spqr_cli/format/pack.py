@@ -46,6 +46,7 @@ from spqr_cli.format.checkpoint import (
     model_fingerprint,
     tensor_info,
 )
+from spqr_cli.quant.driver import model_dir_name
 from spqr_cli.quant.record import QuantizedLayer, load_records
 from spqr_kernels.layout import PackedWeight
 
@@ -150,8 +151,9 @@ def pack_model(quant_dir: str | Path, out_dir: str | Path, shard_size_mb: int = 
     qcfg = read_json(quant_dir / "quant_config.json", "quantization output directory (spqr quantize --out)")
     if qcfg.get("format") != "spqr-quant":
         raise SpQRError(f"{quant_dir}/quant_config.json is not an spqr quantization config")
-    dense_dir = quant_dir / "dense"
-    model_config = read_json(dense_dir / "config.json", "quantization output directory (dense/ is missing)")
+    dense_dir = quant_dir / model_dir_name(qcfg.get("dense", True))  # the model files and unquantized tensors
+    model_config = read_json(dense_dir / "config.json",
+                             f"quantization output directory ({dense_dir.name}/ is missing: finish `spqr quantize`)")
     record_files = sorted((quant_dir / "records").glob("*.safetensors"))
     if not record_files:
         raise SpQRError(f"{quant_dir}/records holds no layer records; run or resume `spqr quantize` first")

@@ -139,7 +139,7 @@ def _read_state(state_path: Path) -> dict[str, Any]:
 
 
 def _finished_report(out_dir: Path, model_path: str, cfg: QuantConfig, calib_ids: torch.Tensor,
-                     restart: bool) -> QuantReport | None:
+                     restart: bool, dense: bool) -> QuantReport | None:
     """The saved report of a finished run of the same model, config and calibration in ``out_dir`` (so that
     re-running a finished command returns at once, without loading the model), else ``None``."""
     state_path = out_dir / "quant_config.json"
@@ -148,7 +148,8 @@ def _finished_report(out_dir: Path, model_path: str, cfg: QuantConfig, calib_ids
     old = _read_state(state_path)
     same = (old.get("model") == str(model_path) and old.get("config") == cfg.to_dict()
             and (old.get("calibration") or {}).get("sha256") == calibration_fingerprint(calib_ids))
-    if not (same and old.get("complete") and (out_dir / "dense" / "config.json").is_file()):
+    done = old.get("complete") and (out_dir / model_dir_name(old.get("dense", True)) / "config.json").is_file()
+    if not (same and done and old.get("dense", True) == dense):
         return None
     try:
         saved = json.loads((out_dir / "report.json").read_text())
@@ -181,6 +182,10 @@ def _prepare_out_dir(out_dir: Path, state: dict[str, Any], restart: bool) -> int
                         f"{out_dir} holds a run with a different {key}; pass --restart to discard it "
                         "or choose a new --out directory"
                     )
+            if old.get("dense", True) != state["dense"]:
+                was, now = ("with", "without") if old.get("dense", True) else ("without", "with")
+                raise SpQRError(f"{out_dir} holds a run {was} a dense copy and this one is {now}; resume it with "
+                                f"the same --dense/--no-dense, pass --restart, or choose a new --out directory")
             return int(old.get("completed_blocks", 0))
     (out_dir / "records").mkdir(parents=True, exist_ok=True)
     write_json({**state, "completed_blocks": 0, "complete": False}, state_path)
@@ -313,8 +318,15 @@ def quantize_model(
     restart: bool = False,
     forward_batch: int = 8,
     progress: ProgressFn | None = None,
+    dense: bool = True,
 ) -> QuantReport:
     """Quantize every linear layer of every decoder block of ``model_path`` into ``out_dir``.
+
+    ``out_dir`` gets the layer records (``records/``, what ``spqr pack`` packs), ``report.json`` and, with
+    ``dense``, ``dense/``: the whole model with its quantized layers dequantized, an fp16 checkpoint the size of the
+    original. Without ``dense`` only the tensors that are not quantized (embeddings, norms, head) and the model
+    files go to ``unquantized/``, which is all ``pack_model`` needs besides the records: for a large model, no
+    dense copy is ever written.
 
     ``calib_ids`` is an int64 ``[nsamples, seqlen]`` tensor of calibration tokens (``spqr calibrate`` output or
     built on the fly). ``progress(stage, done, total, detail)`` is called as work advances (the CLI draws a
@@ -340,7 +352,7 @@ def quantize_model(
     if int(calib_ids.min()) < 0:
         raise SpQRError("the calibration set holds negative token ids; it is damaged: rebuild it with `spqr calibrate`")
     check_weight_files(model_path)
-    finished = _finished_report(out, model_path, cfg, calib_ids, restart)
+    finished = _finished_report(out, model_path, cfg, calib_ids, restart, dense)
     if finished is not None:
         return finished
 
@@ -363,6 +375,7 @@ def quantize_model(
         "calibration": {"sha256": calibration_fingerprint(calib_ids), "nsamples": calib_ids.shape[0],
                         "seqlen": calib_ids.shape[1], **(calib_manifest or {})},
         "num_blocks": len(blocks),
+        "dense": dense,
         "layers": [f"{adapter.blocks}.{i}.{name}" for i in range(len(blocks)) for name in adapter.linear_names()],
     }
     start_block = lead_step(ranks, lambda: _prepare_out_dir(out, state, restart)) or 0
@@ -387,18 +400,21 @@ def quantize_model(
         release(module)
     trim_host_memory()
 
-    dense_tmp = out / "dense.tmp"
+    dense_name = model_dir_name(dense)
+    dense_tmp = out / f"{dense_name}.tmp"
     writers: list[StreamedCheckpointWriter] = []
+    linear_weights = [f"{name}.weight" for name in adapter.linear_names()]
+    quantized = {f"{adapter.blocks}.{i}.{w}" for i in range(len(blocks)) for w in linear_weights}
+    layout = {k: v for k, v in _dense_layout(model).items() if dense or k not in quantized}
 
-    def start_dense() -> None:  # an empty temporary dense/, every tensor's place fixed up front
+    def start_dense() -> None:  # an empty temporary dense/ (unquantized/), every tensor's place fixed up front
         shutil.rmtree(dense_tmp, ignore_errors=True)
         dense_tmp.mkdir(parents=True)
-        writers.append(StreamedCheckpointWriter(dense_tmp, _dense_layout(model)))
+        writers.append(StreamedCheckpointWriter(dense_tmp, layout))
 
     try:
         lead_step(ranks, start_dense)
         writer = writers[0] if writers else None
-        linear_weights = [f"{name}.weight" for name in adapter.linear_names()]
         for i, block in enumerate(blocks):
             prefix = f"{adapter.blocks}.{i}"
             record_path = out / "records" / f"block_{i:04d}.safetensors"
@@ -429,7 +445,7 @@ def quantize_model(
             del records
             trim_host_memory()  # the freed block goes back to the system: host memory stays flat over depth
 
-        notify("quantize", n, "writing the embeddings, final norm and head to dense/")
+        notify("quantize", n, f"writing the embeddings, final norm and head to {dense_name}/")
 
         def finish() -> None:
             assert writer is not None
@@ -438,7 +454,7 @@ def quantize_model(
                     t = weights.read([name])[name]
                     writer.write(name, t.to(torch.float16) if t.is_floating_point() else t)
             writer.close()
-            _finish_dense(model, tokenizer, source_dir, dense_tmp, out / "dense")
+            _finish_dense(model, tokenizer, source_dir, dense_tmp, out / dense_name)
             report.wall_seconds = time.perf_counter() - t0
             report.peak_host_mb = _peak_host_mb()
             if dev.type == "cuda":
@@ -456,11 +472,18 @@ def quantize_model(
 
 
 def _write_block(writer: StreamedCheckpointWriter | None, block: nn.Module, prefix: str) -> None:
-    """A finished block's tensors into dense/. Its linears hold their dequantized fp16 weights in the compute
-    dtype: back to fp16 is exact."""
+    """A finished block's tensors into dense/ (unquantized/: those the writer has a place for). Its linears hold
+    their dequantized fp16 weights in the compute dtype: back to fp16 is exact."""
     assert writer is not None
     for name, t in block.state_dict().items():
-        writer.write(f"{prefix}.{name}", t.to("cpu", torch.float16) if t.is_floating_point() else t.to("cpu"))
+        if f"{prefix}.{name}" in writer.shapes:
+            writer.write(f"{prefix}.{name}", t.to("cpu", torch.float16) if t.is_floating_point() else t.to("cpu"))
+
+
+def model_dir_name(dense: bool) -> str:
+    """The subdirectory of a quantization run that holds its model files and unquantized tensors: ``dense`` (the
+    full dequantized checkpoint) or ``unquantized`` (only what is not quantized; ``quantize_model(dense=False)``)."""
+    return "dense" if dense else "unquantized"
 
 
 def _commit_block(out: Path, state: dict[str, Any], i: int, record_path: Path, records: dict[str, QuantizedLayer],

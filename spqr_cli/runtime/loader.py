@@ -94,6 +94,9 @@ def model_kind(path: str) -> tuple[str, str]:
     if (p / "spqr_config.json").is_file():
         return "packed", path
     if (p / "quant_config.json").is_file():
+        if (p / "unquantized").is_dir() and not (p / "dense").is_dir():
+            raise SpQRError(f"{path} was quantized without a dense copy (--no-dense); load its packed checkpoint "
+                            f"(`spqr pack {path} --out PACKED`, or the --pack directory of the run)")
         if not (p / "dense" / "config.json").is_file():
             raise SpQRError(f"{path} is an unfinished quantization run (no dense/ checkpoint yet); "
                             "re-run the same `spqr quantize` command to resume it")
