@@ -97,6 +97,8 @@ def print_quant_report(report: Any, out: Path) -> None:
     totals.add_row("wall time", f"{report.wall_seconds:.1f} s on {report.device}")
     device_mem = f", {report.device} {report.peak_device_mb:.0f} MB" if report.device.startswith("cuda") else ""
     totals.add_row("peak memory", f"host {report.peak_host_mb:.0f} MB{device_mem}")
+    if report.activations:
+        totals.add_row("calibration data", report.activations)
     c = console()
     c.print(table)
     c.print(totals)

@@ -384,3 +384,28 @@ def test_ranks_split_whole_forward_batches() -> None:
     assert [window_share(8, 2, Ranks(r, 3)) for r in range(3)] == [slice(0, 2), slice(2, 4), slice(4, 8)]
     with pytest.raises(SpQRError, match="fewer than the 4 ranks"):
         window_share(4, 2, Ranks(0, 4))
+
+
+def test_activations_stay_in_host_memory_on_cpu() -> None:
+    x = torch.randn(2, 8, 16)
+    placed, line = driver.place_activations(x, torch.device("cpu"))
+    assert placed is x and line == "activations (0.00 GB) in host memory"
+    with pytest.raises(SpQRError, match="activations must be one of auto, device, host"):
+        driver.place_activations(x, torch.device("cpu"), "disk")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_activation_placement_does_not_change_the_records(tmp_path: Path, monkeypatch) -> None:
+    """Activations on the GPU or in pinned host memory (too large for the GPU: a GPU with 1 MB free) give the
+    same records, and the report says where they were."""
+    cfg, calib = load_preset("spqr-3.9bit"), _calib()
+    reports = {}
+    for where in ("device", "host"):
+        reports[where] = driver.quantize_model(str(DOCS_3M), cfg, tmp_path / where, calib, device="cuda",
+                                               activations=where, dense=False)
+    assert "on the GPU" in reports["device"].activations and "pinned" in reports["host"].activations
+    assert_same(streamed_records(tmp_path / "device"), streamed_records(tmp_path / "host"))
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (2**20, 2**30))
+    placed, line = driver.place_activations(torch.randn(4, 64, 256), torch.device("cuda"))
+    assert placed.is_pinned() and "pinned host memory (too large for the GPU)" in line

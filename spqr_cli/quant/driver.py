@@ -84,6 +84,7 @@ class QuantReport:
     peak_host_mb: float = 0.0
     device: str = "cpu"
     resumed_from_block: int = 0
+    activations: str = ""  # where the calibration activations lived (``place_activations``)
     # True when a finished run was found in the output directory and this is its saved report (nothing ran); not
     # saved, so that the CLI can say the run was already done instead of showing a 0-second quantization.
     from_saved: bool = field(default=False, compare=False)
@@ -114,6 +115,7 @@ class QuantReport:
             "peak_host_mb": self.peak_host_mb,
             "device": self.device,
             "resumed_from_block": self.resumed_from_block,
+            "activations": self.activations,
             "layers": [
                 {"name": r.name, "shape": list(r.shape), "rel_error": r.rel_error, "outlier_pct": r.outlier_pct,
                  "bits": r.bits, "bits_measured": r.bits_measured, "seconds": r.seconds}
@@ -157,6 +159,7 @@ def _finished_report(out_dir: Path, model_path: str, cfg: QuantConfig, calib_ids
             layers=[LayerReport(**{**r, "shape": tuple(r["shape"])}) for r in saved["layers"]],
             wall_seconds=float(saved["wall_seconds"]), peak_device_mb=float(saved["peak_device_mb"]),
             peak_host_mb=float(saved["peak_host_mb"]), device=str(saved["device"]),
+            activations=str(saved.get("activations", "")),
             resumed_from_block=int(old["num_blocks"]), from_saved=True)
     except (OSError, ValueError, KeyError, TypeError, RecursionError):
         return None  # no usable report: re-run (the records are replayed, nothing is quantized again)
@@ -245,13 +248,38 @@ def _to_device(obj: Any, device: torch.device) -> Any:
 @torch.no_grad()
 def _run_block(block: nn.Module, inps: torch.Tensor, kwargs: dict[str, Any], device: torch.device,
                dtype: torch.dtype, batch: int) -> torch.Tensor:
-    """Forward every calibration sample through one block; outputs stay in host memory."""
-    outs = []
+    """Forward every calibration sample through one block; the outputs are stored where the inputs are (GPU,
+    pinned or plain host memory: ``place_activations``), batch by batch into one preallocated tensor."""
+    outs = torch.empty(inps.shape, dtype=inps.dtype, device=inps.device, pin_memory=inps.is_pinned())
     for i in range(0, inps.shape[0], batch):
         out = block(inps[i : i + batch].to(device=device, dtype=dtype), **kwargs)
-        out = out[0] if isinstance(out, tuple) else out
-        outs.append(out.to("cpu", dtype=inps.dtype))
-    return torch.cat(outs)
+        outs[i : i + batch].copy_(out[0] if isinstance(out, tuple) else out)
+    return outs
+
+
+ACTIVATION_PLACES = ("auto", "device", "host")
+
+
+def place_activations(inps: torch.Tensor, device: torch.device, where: str = "auto") -> tuple[torch.Tensor, str]:
+    """Move the calibration activations to where they live between blocks; returns them and a line saying where.
+
+    On a GPU they stay on it when a block's inputs and outputs (twice their size) fit in half of its free memory
+    ("auto"; "device" forces it), so no block copies them across PCIe; otherwise they are kept in pinned host
+    memory (page-locked: the per-batch copies to the GPU run at full bus speed), or pageable memory if pinning
+    fails. On a CPU there is only host memory. The values are the same wherever they live.
+    """
+    if where not in ACTIVATION_PLACES:
+        raise SpQRError(f"activations must be one of {', '.join(ACTIVATION_PLACES)}, got {where!r}")
+    size = f"{inps.numel() * inps.element_size() / 2**30:.2f} GB"
+    if device.type != "cuda":
+        return inps, f"activations ({size}) in host memory"
+    if where == "device" or where == "auto" and 2 * inps.numel() * inps.element_size() <= torch.cuda.mem_get_info(
+            device)[0] // 2:
+        return inps.to(device), f"activations ({size} x 2) on the GPU"
+    try:
+        return inps.cpu().pin_memory(), f"activations ({size} x 2) in pinned host memory (too large for the GPU)"
+    except RuntimeError:  # no page-locked memory to be had
+        return inps.cpu(), f"activations ({size} x 2) in host memory (too large for the GPU; pinning failed)"
 
 
 @torch.no_grad()
@@ -319,6 +347,7 @@ def quantize_model(
     forward_batch: int = 8,
     progress: ProgressFn | None = None,
     dense: bool = True,
+    activations: str = "auto",
 ) -> QuantReport:
     """Quantize every linear layer of every decoder block of ``model_path`` into ``out_dir``.
 
@@ -326,7 +355,8 @@ def quantize_model(
     ``dense``, ``dense/``: the whole model with its quantized layers dequantized, an fp16 checkpoint the size of the
     original. Without ``dense`` only the tensors that are not quantized (embeddings, norms, head) and the model
     files go to ``unquantized/``, which is all ``pack_model`` needs besides the records: for a large model, no
-    dense copy is ever written.
+    dense copy is ever written. ``activations``: where the calibration activations live between blocks
+    (``place_activations``: "auto", "device" or "host").
 
     ``calib_ids`` is an int64 ``[nsamples, seqlen]`` tensor of calibration tokens (``spqr calibrate`` output or
     built on the fly). ``progress(stage, done, total, detail)`` is called as work advances (the CLI draws a
@@ -387,7 +417,8 @@ def quantize_model(
     def notify(stage: str, done: int, detail: str) -> None:
         if progress is not None and ranks.lead:
             ranks_note = f" · {ranks.world} ranks" if ranks.distributed else ""
-            progress(stage, done, n, f"{detail} · host {host_rss_mb():,.0f} MB{ranks_note}")
+            gpu = f" · GPU {torch.cuda.memory_allocated(dev) / 2**20:,.0f} MB" if dev.type == "cuda" else ""
+            progress(stage, done, n, f"{detail} · host {host_rss_mb():,.0f} MB{gpu}{ranks_note}")
 
     share = window_share(calib_ids.shape[0], forward_batch, ranks) if ranks.distributed else slice(None)
     notify("quantize", 0, "reading the embeddings")
@@ -395,6 +426,9 @@ def quantize_model(
     for path, module in pre.items():
         weights.materialize(module, path, torch.float16)
     inps, kwargs = _block_inputs(model, adapter, calib_ids[share], dev, compute_dtype)
+    inps, placed = place_activations(inps, dev, activations)
+    notify("quantize", 0, placed)
+    report.activations = placed
     kwargs = _to_device(kwargs, dev)
     for module in pre.values():
         release(module)
