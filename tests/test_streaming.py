@@ -352,8 +352,9 @@ def _two_ranks(model: Path, out: Path, *extra: str, ok: bool = True) -> list[str
 
 
 def test_two_gloo_ranks_are_bit_identical_to_one_process(tmp_path: Path) -> None:
-    """2 gloo ranks each run 2 of the 4 forward batches and complete the Hessians rank to rank in window order:
-    records, dense/ and the report's errors equal one process's, bit for bit; a run resumed under 2 ranks too."""
+    """2 gloo ranks each run 2 of the 4 forward batches and complete the Hessians rank to rank in window order, and
+    quantize their share of each group's layers: records, dense/ and the report's errors equal one process's, bit
+    for bit; a run resumed under 2 ranks too."""
     one = tmp_path / "one"
     driver.quantize_model(str(DOCS_3M), load_preset("spqr-3.9bit"), one,
                           torch.randint(3, 8000, (8, 32), generator=torch.Generator().manual_seed(0)), device="cpu",
@@ -364,6 +365,9 @@ def test_two_gloo_ranks_are_bit_identical_to_one_process(tmp_path: Path) -> None
     assert_same(dense_tensors(one / "dense"), dense_tensors(two / "dense"))
     a, b = (json.loads((d / "report.json").read_text())["layers"] for d in (one, two))
     assert [r["rel_error"] for r in a] == [r["rel_error"] for r in b]
+    # the layers of a group are spread over the ranks (q, v on rank 0, k on rank 1; gate on 0, up on 1)
+    assert {r["rank"] for r in a} == {0}
+    assert [r["rank"] for r in b[:7]] == [0, 1, 0, 0, 0, 1, 0], [r["name"] for r in b[:7]]
     # an interrupted run (blocks 0-1 committed) resumed by 2 ranks: replayed, then quantized together
     resumed = tmp_path / "resumed"
     shutil.copytree(one, resumed, ignore=shutil.ignore_patterns("dense", "report.json", "block_0002.*", "block_0003.*"))

@@ -54,7 +54,16 @@ from spqr_cli.core.streaming import (
 )
 from spqr_cli.quant.hessian import HessianAccumulator
 from spqr_cli.quant.methods import get_method, quantize_layer
-from spqr_cli.quant.ranks import Ranks, chain_hessians, current_ranks, init_from_env, lead_step, window_share
+from spqr_cli.quant.ranks import (
+    Ranks,
+    chain_hessians,
+    current_ranks,
+    init_from_env,
+    lead_step,
+    owner,
+    share_record,
+    window_share,
+)
 from spqr_cli.quant.record import QuantizedLayer, load_records, save_records
 
 FORMAT = "spqr-quant"
@@ -72,6 +81,7 @@ class LayerReport:
     bits: float  # by the format's formula
     seconds: float
     bits_measured: float = math.nan  # of the packed tensors (reports saved before this field: nan)
+    rank: int = 0  # the rank that quantized it (quant.ranks.owner)
 
 
 @dataclass
@@ -118,7 +128,7 @@ class QuantReport:
             "activations": self.activations,
             "layers": [
                 {"name": r.name, "shape": list(r.shape), "rel_error": r.rel_error, "outlier_pct": r.outlier_pct,
-                 "bits": r.bits, "bits_measured": r.bits_measured, "seconds": r.seconds}
+                 "bits": r.bits, "bits_measured": r.bits_measured, "seconds": r.seconds, "rank": r.rank}
                 for r in self.layers
             ],
         }
@@ -604,11 +614,19 @@ def _quantize_block(block: nn.Module, prefix: str, adapter: FamilyAdapter, inps:
             hessians = {name: None for name in group}
         else:
             hessians = _collect_hessians(block, layers, inps, kwargs, dev, dtype, batch, ranks)
-        for name, lin in layers.items():
-            notify(name)
-            t = time.perf_counter()
+        owners = {name: owner(j, ranks) for j, name in enumerate(group)}
+        made: dict[str, tuple[QuantizedLayer, float]] = {}
+        for name, lin in layers.items():  # this rank's share of the group
+            if owners[name] == ranks.rank:
+                notify(name)
+                t = time.perf_counter()
+                made[name] = quantize_layer(lin.weight.data, hessians[name], cfg), time.perf_counter() - t
+        for name, lin in layers.items():  # every layer's record on every rank, in order
+            rec, seconds = made.pop(name, (None, 0.0))
+            if ranks.distributed:
+                rec, seconds = share_record(rec, seconds, owners[name])
+            assert rec is not None
             w = lin.weight.data
-            rec = quantize_layer(w, hessians[name], cfg)
             q = rec.dequantize().to(dev)
             h = hessians[name]
             err = _relative_error(w, q, h) if h is not None else float(
@@ -617,8 +635,8 @@ def _quantize_block(block: nn.Module, prefix: str, adapter: FamilyAdapter, inps:
             records[f"{prefix}.{name}"] = rec
             report.layers.append(LayerReport(
                 name=f"{prefix}.{name}", shape=(rec.out_features, rec.in_features), rel_error=err,
-                outlier_pct=100.0 * rec.outlier_fraction, bits=rec.formula_bits(), seconds=time.perf_counter() - t,
-                bits_measured=rec.packed_bits(),
+                outlier_pct=100.0 * rec.outlier_fraction, bits=rec.formula_bits(), seconds=seconds,
+                bits_measured=rec.packed_bits(), rank=owners[name],
             ))
             del w, q, rec
             trim_host_memory()  # the layer's temporaries: without this the heap ratchets up within a block

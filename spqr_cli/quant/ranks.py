@@ -5,8 +5,10 @@ Launched by ``torchrun --nproc-per-node N -m spqr_cli quantize ...`` (or any lau
 the calibration windows of its share of the forward batches through every block; the Hessians are completed by
 passing the running sum from rank to rank in window order (``chain_hessians``), so the fp32 additions happen in
 exactly the order of one process and the records are bit-identical to a one-process run with the same
-``forward_batch``. Every rank then quantizes the block's layers (the same inputs give the same records, and each
-rank needs the quantized weights for its next forward); rank 0 alone writes to disk.
+``forward_batch``. The layers of each group that are quantized together (q/k/v, gate/up) are then spread over the
+ranks (``owner``): each rank quantizes its own and the records are broadcast (``share_record``; every rank needs
+all quantized weights for its next forward, and a record decodes to the same weights wherever it was made). Rank 0
+alone writes to disk.
 """
 
 from __future__ import annotations
@@ -103,6 +105,54 @@ def chain_hessians(accs: dict[str, Any], stored: dict[str, list[torch.Tensor]], 
         stored[name].clear()
 
 
+def owner(index: int, ranks: Ranks) -> int:
+    """The rank that quantizes the ``index``-th layer of a group (round robin)."""
+    return index % ranks.world
+
+
+def _collective_device() -> torch.device:
+    """Where collectives' tensors must live: the current GPU under NCCL, else the CPU (gloo)."""
+    import torch.distributed as dist
+
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def share_bytes(data: bytes | None, src: int) -> bytes:
+    """``data`` of rank ``src`` on every rank (its length, then its bytes, broadcast); other ranks pass ``None``."""
+    import torch.distributed as dist
+
+    on = _collective_device()
+    mine = dist.get_rank() == src
+    size = torch.tensor([len(data) if mine and data is not None else 0], dtype=torch.int64, device=on)
+    dist.broadcast(size, src=src)
+    n = int(size.item())
+    if n == 0:
+        return b""
+    if mine:
+        buf = torch.frombuffer(bytearray(data or b""), dtype=torch.uint8).to(on)
+    else:
+        buf = torch.empty(n, dtype=torch.uint8, device=on)
+    dist.broadcast(buf, src=src)
+    return buf.cpu().numpy().tobytes()
+
+
+def share_record(record: Any, seconds: float, src: int) -> tuple[Any, float]:
+    """A ``QuantizedLayer`` quantized on rank ``src`` (and the seconds it took there) on every rank, sent as
+    safetensors bytes plus a JSON header (no pickle); the received record equals the sent one exactly."""
+    import json
+
+    from safetensors.torch import load, save
+
+    from spqr_cli.quant.record import QuantizedLayer
+
+    head = body = None
+    if record is not None:
+        head = json.dumps({"meta": record.meta(), "seconds": seconds}).encode()
+        body = save(record.to_tensors())
+    head_d = json.loads(share_bytes(head, src))
+    return QuantizedLayer.from_tensors(head_d["meta"], load(share_bytes(body, src))), float(head_d["seconds"])
+
+
 def lead_step(ranks: Ranks, step: Callable[[], int | None]) -> int | None:
     """Run ``step`` on rank 0 only and give its result (an int or ``None``) to every rank; a one-line error there
     (``SpQRError``, or an ``OSError`` such as a full disk) is raised on every rank, so that the others do not wait
@@ -117,13 +167,9 @@ def lead_step(ranks: Ranks, step: Callable[[], int | None]) -> int | None:
             value = step()
         except (SpQRError, OSError) as e:
             error = (str(e) or type(e).__name__).encode()
-    on = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-    head = torch.tensor([len(error), -1 if value is None else int(value)], dtype=torch.int64, device=on)
+    head = torch.tensor([len(error), -1 if value is None else int(value)], dtype=torch.int64,
+                        device=_collective_device())
     dist.broadcast(head, src=0)
     if head[0] > 0:
-        text = torch.zeros(int(head[0]), dtype=torch.uint8, device=on)
-        if ranks.lead:
-            text = torch.frombuffer(bytearray(error), dtype=torch.uint8).to(on)
-        dist.broadcast(text, src=0)
-        raise SpQRError(bytes(text.cpu().tolist()).decode(errors="replace"))
+        raise SpQRError(share_bytes(error if ranks.lead else None, 0).decode(errors="replace"))
     return None if head[1] < 0 else int(head[1])
