@@ -449,7 +449,7 @@ def quantize(
         if report.from_saved:
             console().print(f"{out} already holds this finished run (same model, config and calibration): showing "
                             "its saved report; pass --restart to quantize again")
-        print_quant_report(report, out)
+        print_quant_report(report, out, next_step=pack_out is None)
         if pack_out is not None:
             ours = _packed_from(pack_out, out)  # an earlier --pack of this very run is rewritten
             if pack_out.is_dir() and any(pack_out.iterdir()) and not ours:

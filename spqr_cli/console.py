@@ -59,8 +59,9 @@ def quant_progress(console_: Any = None) -> Iterator:
 MAX_LAYER_ROWS = 64
 
 
-def print_quant_report(report: Any, out: Path) -> None:
-    """Per-layer (or per-block, for deep models) errors, outliers, bits and time, then the totals."""
+def print_quant_report(report: Any, out: Path, next_step: bool = True) -> None:
+    """Per-layer (or per-block, for deep models) errors, outliers, bits and time, then the totals (and, with
+    ``next_step``, the `spqr pack` command that comes next)."""
     from rich.table import Table
 
     rows = report.layers
@@ -102,7 +103,8 @@ def print_quant_report(report: Any, out: Path) -> None:
     c = console()
     c.print(table)
     c.print(totals)
-    c.print(f"wrote {out / 'report.json'}; next: spqr pack {out} --out PACKED", highlight=False)
+    c.print(f"wrote {out / 'report.json'}" + (f"; next: spqr pack {out} --out PACKED" if next_step else ""),
+            highlight=False)
 
 
 def render_inspect(result: dict[str, Any], console: Any) -> None:
