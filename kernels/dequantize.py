@@ -94,8 +94,7 @@ def dequantize_t(pw: PackedWeight) -> torch.Tensor:
     t = pw.tensors
     out = torch.empty(k, n, device=t["qweight"].device, dtype=torch.float16)
     replay = pw.launches.get("dequantize")
-    if replay is not None:
-        replay(out.get_device(), out)
+    if replay is not None and replay(out):
         return write_outliers(out, pw)
     sizes, meta = layout_args(pw)
     words, gs_t = sizes[0], meta["GS_T"]
@@ -106,7 +105,7 @@ def dequantize_t(pw: PackedWeight) -> torch.Tensor:
     args = (t["qweight"], t.get("perm", dummy), *stat_args(pw, dummy), out, n, k, *sizes[1:], num_tiles, ONE_BITS)
     constexprs = dict(W=words, **meta, BW=bw, KW=kw, HAS_PERM="perm" in t)
     kernel = _dequant_kernel[grid](*args, **constexprs, num_warps=kw)
-    if out.is_cuda and (replay := Replay.of(_dequant_kernel, kernel, grid, args, constexprs, swap=(8,))):
+    if out.is_cuda and (replay := Replay.of(_dequant_kernel, kernel, grid, args, constexprs, (8,), out.get_device())):
         pw.launches["dequantize"] = replay
     return write_outliers(out, pw)
 

@@ -299,15 +299,12 @@ class DecodeReplay:
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
         if not x.is_contiguous() or x.data_ptr() % 16 or x.get_device() != self._index:
             return None
-        out = torch.empty(self._out_shape, device=self._device, dtype=x.dtype)
-        if bias is None:
-            self._replay(self._index, x, out)
-        elif (bias.dtype != x.dtype or bias.shape != (self._n,) or bias.get_device() != self._index
-              or not bias.is_contiguous() or bias.data_ptr() % 16):
+        if bias is not None and (bias.dtype != x.dtype or bias.shape != (self._n,) or bias.get_device() != self._index
+                                 or not bias.is_contiguous() or bias.data_ptr() % 16):
             return None
-        else:
-            self._replay(self._index, x, bias, out)
-        return out
+        out = torch.empty(self._out_shape, device=self._device, dtype=x.dtype)
+        launched = self._replay(x, out) if bias is None else self._replay(x, bias, out)
+        return out if launched else None
 
 
 def _aligned(*tensors: torch.Tensor | None) -> bool:
@@ -340,7 +337,7 @@ def spqr_matvec(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None = N
     if config is None and xc is x and x.is_cuda and _aligned(x, bias, out):
         bias_at = len(p.weights) + 1  # args: x, weights, bias, two scratch tensors, out
         swap = (0, bias_at + 3) if bias is None else (0, bias_at, bias_at + 3)
-        replay = Replay.of(_matvec_kernel, kernel, p.grid, args, constexprs, swap)
+        replay = Replay.of(_matvec_kernel, kernel, p.grid, args, constexprs, swap, x.get_device())
         if replay is not None:
             pw.launches[(x.shape, x.dtype, bias is None)] = DecodeReplay(replay, x, n)
     return out

@@ -51,14 +51,14 @@ def write_outliers(out: torch.Tensor, pw: PackedWeight) -> torch.Tensor:
     if not pw.nnz:
         return out
     replay = pw.launches.get("write_outliers")  # see dequantize_t: replayed after the first launch
-    if replay is not None and out.data_ptr() % 16 == 0:  # (the first launch may have assumed alignment)
-        replay(out.get_device(), out)
+    if replay is not None and out.data_ptr() % 16 == 0 and replay(out):  # (the first launch may assume alignment)
         return out
     r = 32
     grid = (triton.cdiv(n, r),)
     args = (out, prepare(pw)["row_ptr"], pw.tensors["outlier_col"], pw.tensors["outlier_val"], n)
     kernel = _scatter_kernel[grid](*args, R=r, L=16, num_warps=4)
-    if out.is_cuda and (replay := Replay.of(_scatter_kernel, kernel, grid, args, {"R": r, "L": 16}, swap=(0,))):
+    if out.is_cuda and (replay := Replay.of(_scatter_kernel, kernel, grid, args, {"R": r, "L": 16}, (0,),
+                                            out.get_device())):
         pw.launches["write_outliers"] = replay
     return out
 

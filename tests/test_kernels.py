@@ -266,16 +266,26 @@ def test_replay_passes_the_launchers_arguments(monkeypatch):
             calls.append(args)
 
     fn = SimpleNamespace(arg_names=["x", "w", "n", "out", "A", "B"])
+    current = [1]
+    hooks = [False]
     monkeypatch.setattr(launch, "_current_stream", lambda index: 100 + index)
-    monkeypatch.setattr(launch, "_hooks_set", lambda: False)
-    replay = launch.Replay.of(fn, Compiled(), (5, 2), ["x0", "w", 7, "out0"], {"B": 2, "A": 1}, swap=(0, 3))
+    monkeypatch.setattr(launch, "_current_device", lambda: current[0])
+    monkeypatch.setattr(launch, "_hooks_set", lambda: hooks[0])
+    args = ["x0", "w", 7, "out0"]
+    replay = launch.Replay.of(fn, Compiled(), (5, 2), args, {"B": 2, "A": 1}, (0, 3), device=1)
     assert replay._args[0] is None and replay._args[3] is None  # the first call's tensors are not kept
-    replay(1, "x1", "out1")
+    assert replay("x1", "out1")
     assert calls == [(5, 2, 1, 101, "function", "metadata", None, None, None, "x1", "w", 7, "out1", 1, 2)]
-    assert launch.Replay.of(fn, Compiled(), (5,), ["x0", "w", 7, "out0"], {"A": 1}, swap=(0,)) is None
-    assert launch.Replay.of(fn, object(), (5,), ["x0", "w", 7, "out0"], {"A": 1, "B": 2}, swap=(0,)) is None
-    monkeypatch.setattr(launch, "_hooks_set", lambda: True)  # a profiler's launch hook must see every launch
-    assert launch.Replay.of(fn, Compiled(), (5,), ["x0", "w", 7, "out0"], {"A": 1, "B": 2}, swap=(0,)) is None
+    current[0] = 0  # another device current: the handle belongs to device 1's context
+    hooks[0] = True
+    assert not replay("x2", "out2")
+    current[0] = 1  # a profiler's launch hook must see every launch
+    assert not replay("x2", "out2") and len(calls) == 1
+    assert launch.Replay.of(fn, Compiled(), (5,), args, {"A": 1, "B": 2}, (0,), device=1) is None  # hook set
+    hooks[0] = False
+    assert launch.Replay.of(fn, Compiled(), (5,), args, {"A": 1}, (0,), device=1) is None  # a constexpr missing
+    assert launch.Replay.of(fn, object(), (5,), args, {"A": 1, "B": 2}, (0,), device=1) is None  # not compiled
+    assert launch.Replay.of(fn, Compiled(), (5,), args, {"A": 1, "B": 2}, (0,), device=0) is None  # not current
 
 
 @gpu
