@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import math
 import os
 import sys
@@ -405,20 +406,15 @@ def quantize(
             raise SpQRError(f"calibration file {str(calib)!r} not found; make one with `spqr calibrate`")
         if out.exists() and not out.is_dir() or any(p.is_file() for p in out.absolute().parents):
             raise SpQRError(f"--out {out} is a file or lies below one; choose a directory path")
-        if pack_out is not None:
-            if pack_out.absolute() == out.absolute() or out.absolute() in pack_out.absolute().parents:
-                raise SpQRError(f"--pack {pack_out} lies inside --out {out}; choose a directory outside it")
-            if pack_out.exists() and not pack_out.is_dir() or any(p.is_file() for p in pack_out.absolute().parents):
-                raise SpQRError(f"--pack {pack_out} is a file or lies below one; choose a directory path")
-            if pack_out.is_dir() and any(pack_out.iterdir()) and not (pack_out / "spqr_config.json").is_file():
-                raise SpQRError(f"--pack {pack_out} exists and is not a packed checkpoint; choose another path")
-        write_dense = dense if dense is not None else pack_out is None
         from spqr_cli.core.config import build_config
 
         cfg = build_config(preset, method.value if method else None, wbits=wbits, groupsize=groupsize, beta2=beta2,
                            stat_bits=stat_bits, outlier_threshold=outlier_threshold,
                            target_bits=target_bits, perm=perm.value if perm else None, percdamp=percdamp,
                            blocksize=blocksize)
+        if pack_out is not None:  # before hours of quantization, not after
+            _check_pack_target(pack_out, out, model, cfg.to_dict())
+        write_dense = dense if dense is not None else _dense_default(out, restart, pack_out is None)
         from spqr_cli.core.data import settle_hub_mode
         from spqr_cli.core.models import check_weight_files
 
@@ -450,12 +446,10 @@ def quantize(
             console().print(f"{out} already holds this finished run (same model, config and calibration): showing "
                             "its saved report; pass --restart to quantize again")
         print_quant_report(report, out, next_step=pack_out is None)
-        if pack_out is not None:
-            ours = _packed_from(pack_out, out)  # an earlier --pack of this very run is rewritten
-            if pack_out.is_dir() and any(pack_out.iterdir()) and not ours:
-                raise SpQRError(f"--pack {pack_out} holds a packed checkpoint of another model or config; the run "
-                                f"in {out} is complete: pack it elsewhere with `spqr pack {out} --out DIR`")
-            _pack_and_summarize(out, pack_out, shard_size=2048, overwrite=ours)
+        if pack_out is not None:  # an earlier --pack of this run (checked above) is rewritten; rank 0 packs
+            from spqr_cli.quant.ranks import current_ranks, lead_step
+
+            lead_step(current_ranks(), lambda: _pack_and_summarize(out, pack_out, 2048, overwrite=True))
 
 
 @app.command()
@@ -487,17 +481,37 @@ def _pack_and_summarize(quant_dir: Path, out: Path, shard_size: int, overwrite: 
                f"layers, {t['bits_per_param']:.3f} overall, {t['compression_ratio']:.2f}x smaller than fp16)")
 
 
-def _packed_from(packed_dir: Path, quant_dir: Path) -> bool:
-    """Whether ``packed_dir`` is a packed checkpoint of the same source model and quantization config as the run in
-    ``quant_dir`` (re-running a finished `spqr quantize --pack` then rewrites it instead of refusing)."""
-    import json
+def _check_pack_target(pack_out: Path, out: Path, model: str, cfg: dict) -> None:
+    """`spqr quantize --pack`: the packed directory must not overlap the run, and must be new, empty, or a packed
+    checkpoint of this very model and config (an earlier --pack of the run, which is then rewritten)."""
+    from spqr_cli.core.errors import SpQRError
 
+    p, o = pack_out.resolve(), out.resolve()
+    if p == o or o in p.parents or p in o.parents:
+        raise SpQRError(f"--pack {pack_out} and --out {out} overlap; choose a --pack directory outside the run")
+    if pack_out.exists() and not pack_out.is_dir() or any(q.is_file() for q in p.parents):
+        raise SpQRError(f"--pack {pack_out} is a file or lies below one; choose a directory path")
+    if not pack_out.is_dir() or not any(pack_out.iterdir()):
+        return
     try:
-        packed = json.loads((packed_dir / "spqr_config.json").read_text())
-        run = json.loads((quant_dir / "quant_config.json").read_text())
+        packed = json.loads((pack_out / "spqr_config.json").read_text())
     except (OSError, ValueError):
-        return False
-    return packed.get("source_model") == run.get("model") and packed.get("quant_config") == run.get("config")
+        raise SpQRError(f"--pack {pack_out} exists and is not a packed checkpoint; choose another path") from None
+    if not isinstance(packed, dict) or packed.get("source_model") != model or packed.get("quant_config") != cfg:
+        raise SpQRError(f"--pack {pack_out} holds a packed checkpoint of another model or config; choose another "
+                        "path (or remove it)")
+
+
+def _dense_default(out: Path, restart: bool, no_pack: bool) -> bool:
+    """--dense/--no-dense when neither is given: what a run being resumed in ``out`` chose, else dense unless
+    --pack is given."""
+    if not restart:
+        try:
+            state = json.loads((out / "quant_config.json").read_text())
+            return bool(state.get("dense", True))
+        except (OSError, ValueError, AttributeError):
+            pass
+    return no_pack
 
 
 @app.command()

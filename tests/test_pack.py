@@ -436,3 +436,16 @@ def test_quantize_pack_writes_no_dense_copy_and_packs_the_same(quantized_demo, d
     (tmp_path / "other" / "notes.txt").write_text("keep")
     refused = runner.invoke(app, [*args[:-1], str(tmp_path / "other")], terminal_width=200)
     assert refused.exit_code == 2 and "is not a packed checkpoint" in refused.output
+    # refused before quantizing: a pack of another config, a --pack that overlaps --out (either way)
+    other_cfg = runner.invoke(app, [*args, "--wbits", "4"], terminal_width=200)
+    assert other_cfg.exit_code == 2 and "another model or config" in other_cfg.output
+    for pack in (quant / "p", quant.parent):
+        overlap = runner.invoke(app, [*args[:-1], str(pack)], terminal_width=200)
+        assert overlap.exit_code == 2 and "overlap" in overlap.output, overlap.output
+    # a finished run with a dense copy, re-run with --pack: keeps its dense copy and packs
+    dense_run = tmp_path / "dense_run"
+    shutil.copytree(quantized_demo["quant"], dense_run)
+    with_pack = runner.invoke(app, [*args[:3], str(dense_run), *args[4:-1], str(tmp_path / "packed2")],
+                              terminal_width=200)
+    assert with_pack.exit_code == 0 and (dense_run / "dense").is_dir(), with_pack.output
+    assert _shard_tensors(tmp_path / "packed2").keys() == theirs.keys()

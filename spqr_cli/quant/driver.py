@@ -198,7 +198,8 @@ def _prepare_out_dir(out_dir: Path, state: dict[str, Any], restart: bool) -> int
             if old.get("dense", True) != state["dense"]:
                 was, now = ("with", "without") if old.get("dense", True) else ("without", "with")
                 raise SpQRError(f"{out_dir} holds a run {was} a dense copy and this one is {now}; resume it with "
-                                f"the same --dense/--no-dense, pass --restart, or choose a new --out directory")
+                                "its own choice (leave out --dense/--no-dense: the run's is kept), or choose a new "
+                                "--out directory")
             return int(old.get("completed_blocks", 0))
     (out_dir / "records").mkdir(parents=True, exist_ok=True)
     write_json({**state, "completed_blocks": 0, "complete": False}, state_path)

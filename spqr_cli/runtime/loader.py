@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from spqr_cli.core.errors import SpQRError
+from spqr_cli.core.io import read_json
 from spqr_cli.core.models import adapter_for, load_model, load_tokenizer, resolve_device, resolve_dtype
 from spqr_cli.format.checkpoint import PackedCheckpoint, layer_scalars
 from spqr_cli.format.pack import HF_QUANT_METHOD
@@ -94,9 +95,10 @@ def model_kind(path: str) -> tuple[str, str]:
     if (p / "spqr_config.json").is_file():
         return "packed", path
     if (p / "quant_config.json").is_file():
-        if (p / "unquantized").is_dir() and not (p / "dense").is_dir():
-            raise SpQRError(f"{path} was quantized without a dense copy (--no-dense); load its packed checkpoint "
-                            f"(`spqr pack {path} --out PACKED`, or the --pack directory of the run)")
+        if not read_json(p / "quant_config.json", "quantization run").get("dense", True):
+            raise SpQRError(f"{path} is a quantization run without a dense copy (--no-dense / --pack); load its "
+                            f"packed checkpoint (the run's --pack directory, or `spqr pack {path} --out PACKED` once "
+                            "the run is finished)")
         if not (p / "dense" / "config.json").is_file():
             raise SpQRError(f"{path} is an unfinished quantization run (no dense/ checkpoint yet); "
                             "re-run the same `spqr quantize` command to resume it")
