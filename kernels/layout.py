@@ -31,6 +31,7 @@ outlier_val        fp16 ``[nnz]``           the outlier weight itself (not a res
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 
 import torch
@@ -146,6 +147,17 @@ class PackedWeight:
 
     def get(self, name: str) -> torch.Tensor | None:
         return self.tensors.get(name)
+
+    # ``launches`` belongs to these very tensors (a replayed launch holds their addresses): a copy or an unpickled
+    # object starts without, and makes its own on its first calls
+    def __getstate__(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k != "launches"}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state, launches={})
+
+    def __deepcopy__(self, memo: dict) -> PackedWeight:
+        return PackedWeight(**self.meta(), tensors=copy.deepcopy(self.tensors, memo))
 
     def meta(self) -> dict[str, int]:
         return {

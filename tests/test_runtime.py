@@ -225,3 +225,21 @@ def test_load_packed_cuda_matches_cpu(dirs) -> None:
         ref = load_packed(p, dtype=torch.float32)(ids).logits
         got = load_packed(p, device="cuda")(ids.cuda()).logits.float().cpu()
     torch.testing.assert_close(got, ref, rtol=0, atol=5e-2)
+
+
+def test_copies_and_pickles_of_a_packed_layer_keep_no_replayed_launches() -> None:
+    """A replayed kernel launch holds the addresses of its layer's tensors (``PackedWeight.launches``): a deep
+    copy or a pickled-and-restored layer must make its own, not launch on the original's memory (nor fail to
+    pickle)."""
+    import copy
+    import pickle
+
+    from spqr_kernels.synthetic import random_packed
+
+    layer = SpQRLinear(random_packed(24, 32))
+    layer.packed.launches[("shape", "dtype", True)] = lambda *a: pytest.fail("a copied launch was used")
+    x = torch.randn(2, 32)
+    for other in (copy.deepcopy(layer), pickle.loads(pickle.dumps(layer))):  # our own object, in memory
+        assert other.packed.launches == {}
+        assert other.qweight.data_ptr() != layer.qweight.data_ptr()
+        assert torch.equal(other(x), F.linear(x, dequantize_fp16(layer.packed).float()))
