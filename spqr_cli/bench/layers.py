@@ -75,21 +75,22 @@ def time_eager(fn: Callable[[], object]) -> tuple[float, float]:
     ``ms``: median time per call with Triton's ``do_bench`` (L2 cleared before each call), launch overhead
     included. ``host_us``: CPU time to issue one call, from 100 back-to-back calls after a synchronize (the GPU
     queue absorbs them, so this is the Python + launch cost alone; when it exceeds the GPU time, the layer is
-    host-bound in eager mode).
+    host-bound in eager mode); the median of 5 such rounds, since a shared host's timings vary between rounds.
     """
     import time
 
     import triton.testing
 
     ms = triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
-    calls = 100
+    calls, rounds = 100, []
+    for _ in range(5):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        rounds.append((time.perf_counter() - t0) / calls * 1e6)
     torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    host_us = (time.perf_counter() - t0) / calls * 1e6
-    torch.cuda.synchronize()
-    return ms, host_us
+    return ms, statistics.median(rounds)
 
 
 def bench_layers(
