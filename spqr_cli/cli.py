@@ -495,7 +495,7 @@ def _check_pack_target(pack_out: Path, out: Path, model: str, cfg: dict) -> None
         return
     try:
         packed = json.loads((pack_out / "spqr_config.json").read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         raise SpQRError(f"--pack {pack_out} exists and is not a packed checkpoint; choose another path") from None
     if not isinstance(packed, dict) or packed.get("source_model") != model or packed.get("quant_config") != cfg:
         raise SpQRError(f"--pack {pack_out} holds a packed checkpoint of another model or config; choose another "
@@ -509,8 +509,8 @@ def _dense_default(out: Path, restart: bool, no_pack: bool) -> bool:
         try:
             state = json.loads((out / "quant_config.json").read_text())
             return bool(state.get("dense", True))
-        except (OSError, ValueError, AttributeError):
-            pass
+        except (OSError, ValueError, AttributeError, RecursionError):
+            pass  # no run, or a damaged state file: the driver says so
     return no_pack
 
 

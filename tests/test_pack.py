@@ -436,6 +436,9 @@ def test_quantize_pack_writes_no_dense_copy_and_packs_the_same(quantized_demo, d
     (tmp_path / "other" / "notes.txt").write_text("keep")
     refused = runner.invoke(app, [*args[:-1], str(tmp_path / "other")], terminal_width=200)
     assert refused.exit_code == 2 and "is not a packed checkpoint" in refused.output
+    (tmp_path / "other" / "spqr_config.json").write_text("[" * 100000)  # damaged beyond the JSON parser's depth
+    refused = runner.invoke(app, [*args[:-1], str(tmp_path / "other")], terminal_width=200)
+    assert refused.exit_code == 2 and "is not a packed checkpoint" in refused.output
     # refused before quantizing: a pack of another config, a --pack that overlaps --out (either way)
     other_cfg = runner.invoke(app, [*args, "--wbits", "4"], terminal_width=200)
     assert other_cfg.exit_code == 2 and "another model or config" in other_cfg.output
