@@ -86,6 +86,9 @@ def spqr_linear(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None = N
         if replay is not None and (y := replay(x, bias)) is not None:
             return y
     check_inputs(x, pw, bias)
+    if x.is_cuda and torch.cuda.current_device() != x.get_device():  # Triton launches on the current device
+        with torch.cuda.device(x.device):
+            return spqr_linear(x, pw, bias)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, pw.in_features)
     tokens = x2.shape[0]

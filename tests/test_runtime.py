@@ -242,4 +242,5 @@ def test_copies_and_pickles_of_a_packed_layer_keep_no_replayed_launches() -> Non
     for other in (copy.deepcopy(layer), pickle.loads(pickle.dumps(layer))):  # our own object, in memory
         assert other.packed.launches == {}
         assert other.qweight.data_ptr() != layer.qweight.data_ptr()
+        assert ops._VIEWS[ops._view_key(other.qweight)] is other.packed  # the custom op finds the copy's view
         assert torch.equal(other(x), F.linear(x, dequantize_fp16(layer.packed).float()))

@@ -258,10 +258,15 @@ def _to_device(obj: Any, device: torch.device) -> Any:
 
 @torch.no_grad()
 def _run_block(block: nn.Module, inps: torch.Tensor, kwargs: dict[str, Any], device: torch.device,
-               dtype: torch.dtype, batch: int) -> torch.Tensor:
-    """Forward every calibration sample through one block; the outputs are stored where the inputs are (GPU,
-    pinned or plain host memory: ``place_activations``), batch by batch into one preallocated tensor."""
-    outs = torch.empty(inps.shape, dtype=inps.dtype, device=inps.device, pin_memory=inps.is_pinned())
+               dtype: torch.dtype, batch: int, outs: torch.Tensor | None = None) -> torch.Tensor:
+    """Forward every calibration sample through one block into ``outs`` (the previous block's input buffer, so
+    that two buffers serve the whole run: pinned memory in particular is page-locked until the process ends), or a
+    new tensor where the inputs are (``place_activations``; pageable host memory if no more can be pinned)."""
+    if outs is None:
+        try:
+            outs = torch.empty(inps.shape, dtype=inps.dtype, device=inps.device, pin_memory=inps.is_pinned())
+        except RuntimeError:  # no more page-locked memory
+            outs = torch.empty(inps.shape, dtype=inps.dtype)
     for i in range(0, inps.shape[0], batch):
         out = block(inps[i : i + batch].to(device=device, dtype=dtype), **kwargs)
         outs[i : i + batch].copy_(out[0] if isinstance(out, tuple) else out)
@@ -271,21 +276,23 @@ def _run_block(block: nn.Module, inps: torch.Tensor, kwargs: dict[str, Any], dev
 ACTIVATION_PLACES = ("auto", "device", "host")
 
 
-def place_activations(inps: torch.Tensor, device: torch.device, where: str = "auto") -> tuple[torch.Tensor, str]:
+def place_activations(inps: torch.Tensor, device: torch.device, where: str = "auto",
+                      stored: float = 0.0) -> tuple[torch.Tensor, str]:
     """Move the calibration activations to where they live between blocks; returns them and a line saying where.
 
-    On a GPU they stay on it when a block's inputs and outputs (twice their size) fit in half of its free memory
-    ("auto"; "device" forces it), so no block copies them across PCIe; otherwise they are kept in pinned host
-    memory (page-locked: the per-batch copies to the GPU run at full bus speed), or pageable memory if pinning
-    fails. On a CPU there is only host memory. The values are the same wherever they live.
+    On a GPU they stay on it when a block's inputs and outputs (twice their size, plus ``stored`` times it: the
+    layer inputs a rank keeps for its Hessians, ``_stored_inputs``) fit in half of its free memory ("auto";
+    "device" forces it), so no block copies them across PCIe; otherwise they are kept in pinned host memory
+    (page-locked: the per-batch copies to the GPU run at full bus speed), or pageable memory if pinning fails. On
+    a CPU there is only host memory. The values are the same wherever they live.
     """
     if where not in ACTIVATION_PLACES:
         raise SpQRError(f"activations must be one of {', '.join(ACTIVATION_PLACES)}, got {where!r}")
     size = f"{inps.numel() * inps.element_size() / 2**30:.2f} GB"
     if device.type != "cuda":
         return inps, f"activations ({size}) in host memory"
-    if where == "device" or where == "auto" and 2 * inps.numel() * inps.element_size() <= torch.cuda.mem_get_info(
-            device)[0] // 2:
+    need = (2 + stored) * inps.numel() * inps.element_size()
+    if where == "device" or where == "auto" and need <= torch.cuda.mem_get_info(device)[0] // 2:
         return inps.to(device), f"activations ({size} x 2) on the GPU"
     try:
         return inps.cpu().pin_memory(), f"activations ({size} x 2) in pinned host memory (too large for the GPU)"
@@ -437,7 +444,8 @@ def quantize_model(
     for path, module in pre.items():
         weights.materialize(module, path, torch.float16)
     inps, kwargs = _block_inputs(model, adapter, calib_ids[share], dev, compute_dtype)
-    inps, placed = place_activations(inps, dev, activations)
+    inps, placed = place_activations(inps, dev, activations, _stored_inputs(model, adapter, ranks))
+    spare: torch.Tensor | None = None
     notify("quantize", 0, placed)
     report.activations = placed
     kwargs = _to_device(kwargs, dev)
@@ -484,7 +492,8 @@ def quantize_model(
                 lead_step(ranks, lambda _i=i, _r=records, _rows=rows, _p=record_path: _commit_block(
                     out, state, _i, _p, _r, _rows))
                 notify("quantize", i + 1, f"block {i} done")
-            inps = _run_block(block, inps, kwargs, dev, compute_dtype, forward_batch)
+            outs = _run_block(block, inps, kwargs, dev, compute_dtype, forward_batch, spare)
+            spare, inps = inps, outs  # this block's inputs are the next block's output buffer
             lead_step(ranks, lambda _b=block, _p=prefix: _write_block(writer, _b, _p))
             release(block)
             del records
@@ -523,6 +532,17 @@ def _write_block(writer: StreamedCheckpointWriter | None, block: nn.Module, pref
     for name, t in block.state_dict().items():
         if f"{prefix}.{name}" in writer.shapes:
             writer.write(f"{prefix}.{name}", t.to("cpu", torch.float16) if t.is_floating_point() else t.to("cpu"))
+
+
+def _stored_inputs(model: nn.Module, adapter: FamilyAdapter, ranks: Ranks) -> float:
+    """How many activation-sized tensors a rank keeps on the GPU while it collects a group's Hessians: under
+    several ranks the inputs of the widest layer (``in_features / hidden``, e.g. ~2.7 for LLaMA's down
+    projection), kept until the sums are chained (``ranks.chain_hessians``); none in one process."""
+    if not ranks.distributed:
+        return 0.0
+    block = adapter.get_blocks(model)[0]
+    widths = [block.get_submodule(name).in_features for name in adapter.linear_names()]
+    return max(widths) / model.config.hidden_size
 
 
 def model_dir_name(dense: bool) -> str:
@@ -609,13 +629,15 @@ def _quantize_block(block: nn.Module, prefix: str, adapter: FamilyAdapter, inps:
     """Quantize one block's linears group by group (true sequential); weights are replaced in place."""
     records: dict[str, QuantizedLayer] = {}
     method = get_method(cfg.method)
+    turn = 0  # round robin over the block's layers, so that single-layer groups alternate ranks too
     for group in adapter.sequential:
         layers = {name: block.get_submodule(name) for name in group}
         if not method.needs_hessian:
             hessians = {name: None for name in group}
         else:
             hessians = _collect_hessians(block, layers, inps, kwargs, dev, dtype, batch, ranks)
-        owners = {name: owner(j, ranks) for j, name in enumerate(group)}
+        owners = {name: owner(turn + j, ranks) for j, name in enumerate(group)}
+        turn += len(group)
         made: dict[str, tuple[QuantizedLayer, float]] = {}
         for name, lin in layers.items():  # this rank's share of the group
             if owners[name] == ranks.rank:

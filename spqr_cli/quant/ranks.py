@@ -5,10 +5,10 @@ Launched by ``torchrun --nproc-per-node N -m spqr_cli quantize ...`` (or any lau
 the calibration windows of its share of the forward batches through every block; the Hessians are completed by
 passing the running sum from rank to rank in window order (``chain_hessians``), so the fp32 additions happen in
 exactly the order of one process and the records are bit-identical to a one-process run with the same
-``forward_batch``. The layers of each group that are quantized together (q/k/v, gate/up) are then spread over the
-ranks (``owner``): each rank quantizes its own and the records are broadcast (``share_record``; every rank needs
-all quantized weights for its next forward, and a record decodes to the same weights wherever it was made). Rank 0
-alone writes to disk.
+``forward_batch``. The layers of each block are then spread over the ranks round robin (``owner``; the layers of
+a group quantized together, q/k/v or gate/up, run in parallel): each rank quantizes its own and the records are
+broadcast (``share_record``; every rank needs all quantized weights for its next forward, and a record decodes to
+the same weights wherever it was made). Rank 0 alone writes to disk.
 """
 
 from __future__ import annotations
@@ -16,11 +16,14 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import torch
 
 from spqr_cli.core.errors import SpQRError
+
+COLLECTIVE_TIMEOUT = timedelta(hours=2)
 
 
 @dataclass(frozen=True)
@@ -64,7 +67,9 @@ def init_from_env(device: str) -> str:
     if not dist.is_initialized():
         if use_cuda:
             torch.cuda.set_device(torch.device(device))
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+        # ranks wait in collectives while one of them quantizes a large layer or writes the packed checkpoint:
+        # longer than the 10-minute default on a large model
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo", timeout=COLLECTIVE_TIMEOUT)
     return device
 
 
@@ -106,7 +111,7 @@ def chain_hessians(accs: dict[str, Any], stored: dict[str, list[torch.Tensor]], 
 
 
 def owner(index: int, ranks: Ranks) -> int:
-    """The rank that quantizes the ``index``-th layer of a group (round robin)."""
+    """The rank that quantizes the ``index``-th layer of a block (round robin)."""
     return index % ranks.world
 
 

@@ -50,6 +50,10 @@ class SpQRLinear(nn.Module):
         super()._load_from_state_dict(*args, **kwargs)
         self._rebuild_view()  # assign=True replaces the buffers; copying into them changes the values
 
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self._rebuild_view()  # a copy (deepcopy, pickle) gets a view of its own buffers, registered for the op
+
     def _rebuild_view(self) -> None:
         """Drop the view and the kernels' per-layer tensors and build them again now, not in the first forward,
         which may run inside a compiled CUDA graph. (Only when the buffers changed: a CUDA graph recorded earlier
