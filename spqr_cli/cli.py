@@ -385,7 +385,8 @@ def quantize(
     dense: Annotated[bool | None, typer.Option(
         "--dense/--no-dense", help="Write OUT/dense/, the whole model with its quantized layers dequantized (an "
         "fp16 checkpoint as large as the original), or only the tensors that are not quantized (OUT/unquantized/, "
-        "all `spqr pack` needs). Default: --dense, or --no-dense with --pack.", show_default=False)] = None,
+        "all `spqr pack` needs). Default: a resumed run's own choice, else --dense, or --no-dense with --pack.",
+        show_default=False)] = None,
 ) -> None:
     """Quantize every linear layer of MODEL with SpQR (or GPTQ / RTN), block by block, into OUT.
 
