@@ -1,8 +1,9 @@
 """Where one eager batch-1 call of a packed layer spends its host time (needs a CUDA GPU).
 
 Times, each on its own, the pieces of a call: fp16 ``F.linear`` and ``torch.empty`` for scale, an ``SpQRLinear``
-module call and ``spqr_matvec`` (both replay their compiled launch after the first call, ``kernels/launch.py``),
-the ordinary Triton launch ``_matvec_kernel[grid](...)`` with the layer's cached arguments, and the same launch
+module call (which replays its compiled launch after the first call, ``kernels/launch.py``), ``spqr_matvec`` (the
+ordinary path the replay skips: checks, a Triton launch, and a fresh replay recorded on every call), the ordinary
+Triton launch ``_matvec_kernel[grid](...)`` with the layer's cached arguments, and the same launch
 through the compiled kernel's own C launcher. Host time = CPU time of ``--calls`` back-to-back calls after a
 synchronize, median of ``--rounds`` (the GPU queue absorbs the launches, so this is what the Python thread pays).
 The figures in docs/benchmarks.md section 8 ("Where an eager call's host time went") are this probe's rows, run on

@@ -553,7 +553,8 @@ def export(
         summary = export_hf_spqr(packed_dir, out, verify=verify, overwrite=overwrite, shard_size_mb=shard_size,
                                  progress=True)
         typer.echo(f"wrote {out}: {summary['layers']} SpQR layers in {len(summary['shards'])} shard(s) "
-                   f"(transformers: quant_method \"spqr\", needs a CUDA GPU and `pip install spqr_quant[gpu]`)")
+                   f"(transformers: quant_method \"spqr\", needs a CUDA GPU and `pip install spqr_quant[gpu]`; "
+                   f"transformers 5.x's SpQR loader fails upstream, README says what to do)")
 
 
 @app.command("import")

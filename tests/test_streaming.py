@@ -401,7 +401,7 @@ def test_activations_stay_in_host_memory_on_cpu() -> None:
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_gpu_activation_placement_does_not_change_the_records(tmp_path: Path, monkeypatch) -> None:
-    """Activations on the GPU or in pinned host memory (too large for the GPU: a GPU with 1 MB free) give the
+    """Activations on the GPU or in pinned host memory (too large for the GPU: a GPU with 64 KB free) give the
     same records, and the report says where they were."""
     cfg, calib = load_preset("spqr-3.9bit"), _calib()
     reports = {}
@@ -410,6 +410,6 @@ def test_gpu_activation_placement_does_not_change_the_records(tmp_path: Path, mo
                                                activations=where, dense=False)
     assert "on the GPU" in reports["device"].activations and "pinned" in reports["host"].activations
     assert_same(streamed_records(tmp_path / "device"), streamed_records(tmp_path / "host"))
-    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (2**20, 2**30))
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (2**16, 2**30))
     placed, line = driver.place_activations(torch.randn(4, 64, 256), torch.device("cuda"))
     assert placed.is_pinned() and "pinned host memory (too large for the GPU)" in line
