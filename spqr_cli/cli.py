@@ -365,6 +365,13 @@ def quantize(
         "--percdamp", help="Hessian dampening, relative to its mean diagonal.", show_default=False)] = None,
     blocksize: Annotated[int | None, typer.Option(
         "--blocksize", help="Columns per GPTQ update block.", show_default=False)] = None,
+    tune_steps: Annotated[int | None, typer.Option(
+        "--tune-steps", help="Block fine-tune: after each block is quantized, this many Adam steps train its "
+        "continuous parameters (second-level statistics, outlier values, norms) to match the original block's "
+        "outputs; the bits do not change. 0: off (the default).", show_default=False)] = None,
+    tune_lr: Annotated[float | None, typer.Option(
+        "--tune-lr", help="The fine-tune's learning rate, relative to each tensor's magnitude (default 3e-3).",
+        show_default=False)] = None,
     calib: Annotated[Path | None, typer.Option(
         "--calib", help="Calibration file from `spqr calibrate` (must match this model's tokenizer).",
         show_default=False)] = None,
@@ -412,7 +419,7 @@ def quantize(
         cfg = build_config(preset, method.value if method else None, wbits=wbits, groupsize=groupsize, beta2=beta2,
                            stat_bits=stat_bits, outlier_threshold=outlier_threshold,
                            target_bits=target_bits, perm=perm.value if perm else None, percdamp=percdamp,
-                           blocksize=blocksize)
+                           blocksize=blocksize, tune_steps=tune_steps, tune_lr=tune_lr)
         if pack_out is not None:  # before hours of quantization, not after
             _check_pack_target(pack_out, out, model, cfg.to_dict())
         write_dense = dense if dense is not None else _dense_default(out, restart, pack_out is None)
@@ -617,30 +624,12 @@ def _eval_tasks(model: str, tasks: str, baseline: str | None, include_path: list
     require_lm_eval()
     if baseline is not None:
         check_model_arg(baseline)
-    from rich.table import Table
+    from spqr_cli.console import render_task_scores
 
     result = evaluate_task_paths(model, tasks, baseline=baseline, num_fewshot=num_fewshot, limit=limit,
                                  batch_size=batch_size, include_path=include_path, dtype=dtype, device=device,
                                  verify=verify)
-    shots = f"{result.num_fewshot}-shot" if result.num_fewshot is not None else "task-default shots"
-    table = Table(title=f"lm-eval {result.lm_eval_version}: {shots}"
-                  + (f", limit {result.limit}" if result.limit is not None else ""))
-    table.add_column("task", overflow="fold")
-    table.add_column("metric")
-    table.add_column("n", justify="right")
-    for m in result.models:
-        table.add_column(f"{m.role}: {m.model}", justify="right", overflow="fold")
-    if len(result.models) == 2:
-        table.add_column("delta", justify="right")
-    for score in result.models[-1].scores:
-        found = [m.score(score.task, score.metric) for m in result.models]
-        row = [score.task, score.metric, str(score.samples or "")]
-        row += ["-" if f is None else f"{f.value:.4f}" + ("" if f.stderr is None else f" ± {f.stderr:.4f}")
-                for f in found]
-        if len(found) == 2:
-            row.append("-" if None in found else f"{found[1].value - found[0].value:+.4f}")
-        table.add_row(*row)
-    console().print(table)
+    render_task_scores(result, console())
     for m in result.models:
         typer.echo(f"{m.role}: {m.seconds:.1f} s on {m.device} ({m.compute_dtype})", err=True)
     if json_path is not None:

@@ -6,6 +6,7 @@ Library functions return data (reports, dicts); the commands hand it here to be 
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -100,6 +101,11 @@ def print_quant_report(report: Any, out: Path, next_step: bool = True) -> None:
     totals.add_row("peak memory", f"host {report.peak_host_mb:.0f} MB{device_mem}")
     if report.activations:
         totals.add_row("calibration data", report.activations)
+    if report.tuning:  # geometric mean of the blocks' held-out error ratios
+        ratio = math.exp(sum(math.log(max(t.heldout_after, 1e-30) / max(t.heldout_before, 1e-30))
+                             for t in report.tuning) / len(report.tuning))
+        totals.add_row("block fine-tune", f"held-out block error x{ratio:.3f} ({len(report.tuning)} blocks, "
+                                          f"{report.tuning[0].steps} steps)")
     c = console()
     c.print(table)
     c.print(totals)
@@ -139,6 +145,32 @@ def render_inspect(result: dict[str, Any], console: Any) -> None:
     tot.add_row("compression vs fp16", f"{t['compression_ratio']:.2f}x")
     tot.add_row("checksums", result["checksums"] + (f" ({len(result['failed'])} failed)" if result["failed"] else ""))
     console.print(tot)
+
+
+def render_task_scores(result: Any, console: Any) -> None:
+    """Print ``evaluate_task_paths``' result (``TaskEvalResult``) as one table: a row per task and metric, a column
+    per model (value ± stderr), and with a baseline the difference of the model from it."""
+    from rich.table import Table
+
+    shots = f"{result.num_fewshot}-shot" if result.num_fewshot is not None else "task-default shots"
+    table = Table(title=f"lm-eval {result.lm_eval_version}: {shots}"
+                  + (f", limit {result.limit}" if result.limit is not None else ""))
+    table.add_column("task", overflow="fold")
+    table.add_column("metric")
+    table.add_column("n", justify="right")
+    for m in result.models:
+        table.add_column(f"{m.role}: {m.model}", justify="right", overflow="fold")
+    if len(result.models) == 2:
+        table.add_column("delta", justify="right")
+    for score in result.models[-1].scores:
+        found = [m.score(score.task, score.metric) for m in result.models]
+        row = [score.task, score.metric, str(score.samples or "")]
+        row += ["-" if f is None else f"{f.value:.4f}" + ("" if f.stderr is None else f" ± {f.stderr:.4f}")
+                for f in found]
+        if len(found) == 2:
+            row.append("-" if None in found else f"{found[1].value - found[0].value:+.4f}")
+        table.add_row(*row)
+    console.print(table)
 
 
 def _human(n: int) -> str:

@@ -196,3 +196,85 @@ def test_round_trip_of_random_layers(perm: str, tmp_path: Path) -> None:
     name = "model.layers.1.mlp.down_proj"
     t = {k: tensors[f"{name}.{k}"] for k in ("dense_weights", "row_offsets", "col_vals", "in_perm")}
     assert same_bits(reference_decode(64, 128, t), QuantizedLayer.from_packed(a[name]).dequantize())
+
+
+def to_ptcsr(row_offsets: torch.Tensor, col_vals: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A layer's CSR sparse entries in the authors' PTCSR layout, written from its description (``spqr_quant``'s
+    ``init_ptcsr`` and ``tensor_compress_interleaved``), plain Python: per block of 16 rows, as many lines of 16
+    slots as the block's longest row has entries; the k-th entry of the block's row j in slot j of line k; empty
+    slots 0; ``row_offsets`` one per block, ``[N / 16 + 1]``."""
+    offsets, values = row_offsets.tolist(), col_vals.tolist()
+    ptr, slots = [0], []
+    for block in range(0, len(offsets) - 1, 16):
+        rows = [values[offsets[r]:offsets[r + 1]] for r in range(block, block + 16)]
+        lines = [[0] * 16 for _ in range(max(map(len, rows)))]
+        for j, row in enumerate(rows):
+            for k, value in enumerate(row):
+                lines[k][j] = value
+        slots += [value for line in lines for value in line]
+        ptr.append(len(slots))
+    return torch.tensor(ptr, dtype=torch.int32), torch.tensor(slots, dtype=torch.int32)
+
+
+def _import_ptcsr_copy(hf: Path, root: Path) -> Path:
+    """``hf`` (CSR, as we export) rewritten with every layer's entries in PTCSR, then imported; the packed
+    directory."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    src = root / "hf-ptcsr"
+    shutil.copytree(hf, src)
+    tensors = load_file(str(src / "model.safetensors"))
+    padded = 0
+    for name in [k.removesuffix(".row_offsets") for k in tensors if k.endswith(".row_offsets")]:
+        csr = tensors[f"{name}.row_offsets"], tensors[f"{name}.col_vals"]
+        tensors[f"{name}.row_offsets"], tensors[f"{name}.col_vals"] = to_ptcsr(*csr)
+        assert tensors[f"{name}.row_offsets"].numel() == (csr[0].numel() - 1) // 16 + 1
+        padded += tensors[f"{name}.col_vals"].numel() - csr[1].numel()
+    assert padded > 0  # rows of one block hold different numbers of entries: zero slots are read past
+    save_file(tensors, str(src / "model.safetensors"), metadata={"format": "pt"})
+    import_hf_spqr(src, root / "back-ptcsr")
+    return root / "back-ptcsr"
+
+
+def _same_packed(a: Path, b: Path) -> None:
+    a_layers, a_dense = read_packed(a)
+    b_layers, b_dense = read_packed(b)
+    assert set(a_layers) == set(b_layers) and set(a_dense) == set(b_dense)
+    for name, pw in a_layers.items():
+        assert pw.meta() == b_layers[name].meta() and set(pw.tensors) == set(b_layers[name].tensors), name
+        assert all(same_bits(v, b_layers[name].tensors[k]) for k, v in pw.tensors.items()), name
+    assert all(same_bits(v, b_dense[k]) for k, v in a_dense.items())
+
+
+def test_import_reads_ptcsr_as_csr(dirs, tmp_path: Path) -> None:
+    """The authors' PTCSR row layout imports to the same outliers (and everything else) as the CSR form: the real
+    spqr-3.9bit model, whose residual entries come one or two to a position."""
+    _same_packed(dirs["back"], _import_ptcsr_copy(dirs["hf"], tmp_path))
+
+
+def test_import_reads_ptcsr_of_edge_rows(tmp_path: Path) -> None:
+    """PTCSR with an all-outlier row (its block is as deep as the layer is wide) and empty rows."""
+    q = build_quant_dir(tmp_path / "q", tiny_llama(), QuantConfig(perm="act_order"), outlier_fraction=0.05)
+    pack_model(q, tmp_path / "p")
+    export_hf_spqr(tmp_path / "p", tmp_path / "hf")
+    _same_packed(tmp_path / "p", _import_ptcsr_copy(tmp_path / "hf", tmp_path))
+
+
+def test_damaged_ptcsr_is_refused(tmp_path: Path) -> None:
+    """A PTCSR block that is not whole lines of 16 slots would put every later entry in the wrong row: refused."""
+    from spqr_cli.format.hf_spqr import HF_TENSORS, decode_layer
+
+    q = build_quant_dir(tmp_path / "q", tiny_llama(), QuantConfig(perm="act_order"), outlier_fraction=0.05)
+    pack_model(q, tmp_path / "p")
+    export_hf_spqr(tmp_path / "p", tmp_path / "hf")
+    tensors = load_file(str(tmp_path / "hf" / "model.safetensors"))
+    name = "model.layers.0.self_attn.q_proj"
+    t = {k: tensors[f"{name}.{k}"] for k in HF_TENSORS}
+    ptr, slots = to_ptcsr(t["row_offsets"], t["col_vals"])
+    expected = QuantizedLayer.from_packed(read_packed(tmp_path / "p")[0][name]).dequantize()
+    assert same_bits(decode_layer(name, 64, 64, {**t, "row_offsets": ptr, "col_vals": slots}).dequantize(), expected)
+    ptr[1:] -= 1  # the first block loses a slot
+    with pytest.raises(SpQRError, match="whole lines of 16"):
+        decode_layer(name, 64, 64, {**t, "row_offsets": ptr, "col_vals": slots[1:]})

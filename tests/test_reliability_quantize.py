@@ -108,6 +108,8 @@ def test_packed_and_quant_dirs_are_not_models(quantized_demo, tmp_path: Path) ->
     (["--percdamp", "inf"], "percdamp inf"),
     (["--wbits", "9"], "--wbits 9"),
     (["--groupsize", "12"], "--groupsize 12"),
+    (["--tune-steps", "-1"], "--tune-steps -1"),
+    (["--tune-lr", "0"], "--tune-lr 0"),
 ])
 def test_bad_flags(flags: list[str], message: str, tmp_path: Path, demo_model_path: Path) -> None:
     one_line_error(runner.invoke(app, quantize_args(demo_model_path, tmp_path / "q", *flags)), message)
@@ -227,4 +229,4 @@ def test_finished_run_returns_at_once(quantized_demo, demo_model_path: Path) -> 
     assert json.loads((quantized_demo["quant"] / "report.json").read_text()) == before  # nothing rewritten
 
 
-QUANTIZE_BAD_INPUTS = 8 + 5 + 6 + 4 + 3 + 2 + 1 + 2  # per group of tests above, in order (31)
+QUANTIZE_BAD_INPUTS = 8 + 7 + 6 + 4 + 3 + 2 + 1 + 2  # per group of tests above, in order (33)

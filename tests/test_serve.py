@@ -7,6 +7,7 @@ malformed ones a library client would refuse to send. Greedy output is checked a
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import os
@@ -15,6 +16,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -32,12 +34,20 @@ pytestmark = pytest.mark.skipif(not MODEL.is_dir(), reason="../shared/models/doc
 
 
 @pytest.fixture(scope="module")
-def server(one_thread) -> Iterator[tuple[str, int]]:
+def loaded(one_thread) -> tuple[Any, Any]:
     from spqr_cli.runtime.loader import load_any_model
+
+    return load_any_model(str(MODEL), "fp16", "cpu")
+
+
+@contextlib.contextmanager
+def _serving(model: Any, tokenizer: Any, handler: type | None = None) -> Iterator[tuple[str, int]]:
+    """A server on a free port of 127.0.0.1, running in a thread; ``handler`` replaces its request handler."""
     from spqr_cli.runtime.serve import make_server
 
-    model, tokenizer = load_any_model(str(MODEL), "fp16", "cpu")
     srv = make_server(model, tokenizer, NAME, "127.0.0.1", 0)
+    if handler is not None:
+        srv.RequestHandlerClass = handler
     thread = threading.Thread(target=srv.serve_forever, daemon=True)
     thread.start()
     try:
@@ -49,6 +59,12 @@ def server(one_thread) -> Iterator[tuple[str, int]]:
 
 
 @pytest.fixture(scope="module")
+def server(loaded: tuple[Any, Any]) -> Iterator[tuple[str, int]]:
+    with _serving(*loaded) as address:
+        yield address
+
+
+@pytest.fixture(scope="module")
 def client(server: tuple[str, int]) -> Any:
     openai = pytest.importorskip("openai")
     return openai.OpenAI(base_url=f"http://{server[0]}:{server[1]}/v1", api_key="unused", max_retries=0,
@@ -56,8 +72,8 @@ def client(server: tuple[str, int]) -> Any:
 
 
 def _raw(server: tuple[str, int], method: str, path: str, body: bytes | None = None,
-         headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
-    conn = http.client.HTTPConnection(*server, timeout=60)
+         headers: dict[str, str] | None = None, timeout: float = 60) -> tuple[int, dict[str, str], bytes]:
+    conn = http.client.HTTPConnection(*server, timeout=timeout)
     try:
         conn.request(method, path, body=body, headers=headers or {})
         resp = conn.getresponse()
@@ -264,6 +280,37 @@ def test_client_leaving_mid_stream(server: tuple[str, int], client: Any) -> None
     expected = _greedy_reference("The kernel", 8)
     assert client.completions.create(model=NAME, prompt="The kernel", max_tokens=8,
                                      temperature=0).choices[0].text == expected
+
+
+def test_a_client_that_does_not_read_holds_no_one_up(loaded: tuple[Any, Any]) -> None:
+    """A streaming client that stops reading delays only its own stream: its generation still ends, so the next
+    request is answered at once (it used to wait for the stalled client's socket timeout, 300 s); read at last, the
+    stalled stream is whole. Small socket buffers on both ends make the server's writes block after a few KB."""
+    from spqr_cli.runtime.serve import Handler
+
+    class SmallSendBuffer(Handler):
+        def setup(self) -> None:
+            self.request.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+            super().setup()
+
+    body = json.dumps({"model": NAME, "prompt": "The", "max_tokens": 500, "temperature": 0, "stream": True}).encode()
+    with _serving(*loaded, handler=SmallSendBuffer) as address, socket.socket() as stalled:
+        stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        stalled.settimeout(60)
+        stalled.connect(address)
+        stalled.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: "
+                        b"application/json\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+        reply = stalled.recv(12)  # the status line: the stream has started, its generation holds the lock
+        started = time.monotonic()
+        status, _, data = _raw(address, "POST", "/v1/completions", json.dumps(
+            {"model": NAME, "prompt": "The kernel", "max_tokens": 4, "temperature": 0}).encode(), timeout=30)
+        assert status == 200 and json.loads(data)["usage"]["completion_tokens"] == 4
+        assert time.monotonic() - started < 30
+        while chunk := stalled.recv(65536):
+            reply += chunk
+    assert reply.startswith(b"HTTP/1.1 200") and reply.endswith(b"data: [DONE]\n\n\r\n0\r\n\r\n")
+    assert len(reply) > 40_000  # far more than the socket buffers hold: the server's writes did block
+    assert b'"finish_reason": "length"' in reply or b'"finish_reason": "stop"' in reply
 
 
 def test_openai_client_sees_errors(client: Any) -> None:

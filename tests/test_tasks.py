@@ -8,8 +8,10 @@ model's dense unpacked copy, and the fp16 original), and the fp16-vs-packed tabl
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -29,8 +31,7 @@ needs_model = pytest.mark.skipif(not MODEL.is_dir(), reason="../shared/models/do
 
 @pytest.fixture
 def offline_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    """``spqr eval --tasks`` puts the hub libraries in offline mode through the environment; set it here so that
-    monkeypatch undoes it after the test."""
+    """The hub libraries in cache-only mode for the test (its tasks are local); monkeypatch undoes it after."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
 
@@ -128,6 +129,58 @@ def test_uncached_task_data_is_one_line(tmp_path: Path, offline_env: None) -> No
 
     with pytest.raises(SpQRError, match="unknown lm-eval task 'spqr_nope'.*--include-path"):
         check_tasks(task_manager(["spqr_hub_only"], tmp_path), ["spqr_nope"])
+
+
+def test_offline_mode_is_scoped(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``evaluate_task_paths`` puts the hub libraries offline for its own run only: the environment is restored
+    after it, whether it returns or raises, and a variable the caller set is left as it was."""
+    from spqr_cli.core import tasks
+
+    names = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
+    monkeypatch.setenv("SPQR_OFFLINE", "1")  # the hub is unreachable: go offline
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "0")
+    with tasks.offline_when_unreachable():
+        assert (os.environ["HF_HUB_OFFLINE"], os.environ["HF_DATASETS_OFFLINE"]) == ("1", "0")
+    assert "HF_HUB_OFFLINE" not in os.environ and os.environ["HF_DATASETS_OFFLINE"] == "0"
+
+    monkeypatch.delenv("HF_DATASETS_OFFLINE")
+    seen: list[dict[str, str | None]] = []
+
+    def stop(names_: list[str], include_path: Any) -> None:
+        seen.append({n: os.environ.get(n) for n in names})
+        raise SpQRError("stop here")
+
+    pytest.importorskip("lm_eval")
+    monkeypatch.setattr(tasks, "task_manager", stop)
+    with pytest.raises(SpQRError, match="stop here"):
+        tasks.evaluate_task_paths("no/model-needed", TASK)
+    assert seen == [{"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}]
+    assert not set(names) & set(os.environ)
+
+
+def test_score_table() -> None:
+    """The side-by-side table ``spqr eval --tasks`` prints (``console.render_task_scores``): value ± stderr per model,
+    the model's difference from the baseline, and "-" where a model lacks a metric."""
+    from rich.console import Console
+
+    from spqr_cli.console import render_task_scores
+    from spqr_cli.core.tasks import ModelTaskResult, TaskEvalResult, TaskScore
+
+    base = [TaskScore("arc", "acc", 0.5, 0.01, 20), TaskScore("arc", "acc_norm", 0.55, None, 20)]
+    model = [TaskScore("arc", "acc", 0.45, 0.02, 20), TaskScore("arc", "acc_norm", 0.6, None, 20),
+             TaskScore("arc", "f1", 0.3, None, None)]
+    result = TaskEvalResult(tasks=["arc"], num_fewshot=5, limit=20, lm_eval_version="0.4.x", models=[
+        ModelTaskResult("fp16", "baseline", base, 1.0, "cpu", "float32"),
+        ModelTaskResult("packed", "model", model, 1.0, "cpu", "float32")])
+    console = Console(record=True, width=200)
+    render_task_scores(result, console)
+    out = console.export_text()
+    assert "lm-eval 0.4.x: 5-shot, limit 20" in out and "baseline: fp16" in out and "model: packed" in out
+    rows = [[cell.strip() for cell in ln.split("│")[1:-1]] for ln in out.splitlines() if ln.startswith("│")]
+    assert rows == [["arc", "acc", "20", "0.5000 ± 0.0100", "0.4500 ± 0.0200", "-0.0500"],
+                    ["arc", "acc_norm", "20", "0.5500", "0.6000", "+0.0500"],
+                    ["arc", "f1", "", "-", "0.3000", "-"]]
 
 
 @needs_model

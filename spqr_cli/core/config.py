@@ -42,6 +42,8 @@ class QuantConfig:
     ``outlier_threshold`` is τ, relative to the group's baseline error; ``inf`` disables outliers.
     ``target_bits`` (optional) replaces the fixed τ with a per-layer one: each layer keeps as many outliers as fit
     in that many bits per weight, measured from its packed bytes (``spqr_kernels.layout.packed_nbytes``).
+    ``tune_steps`` (0: off) Adam steps of the block fine-tune after each block is quantized (``quant.tune``), at
+    relative learning rate ``tune_lr``.
     """
 
     method: str = "spqr"
@@ -55,6 +57,8 @@ class QuantConfig:
     blocksize: int = 128
     sym: bool = False
     target_bits: float | None = None
+    tune_steps: int = 0
+    tune_lr: float = 3e-3
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
@@ -88,6 +92,11 @@ class QuantConfig:
             if not get_method(self.method).outliers:
                 raise ConfigError(f"--target-bits chooses how many outliers each layer keeps; method {self.method!r} "
                                   "has none (use --method spqr, or set --wbits/--groupsize for the size you want)")
+
+        if self.tune_steps < 0:
+            raise ConfigError(f"--tune-steps {self.tune_steps} must be >= 0 (0 turns the block fine-tune off)")
+        if not (math.isfinite(self.tune_lr) and self.tune_lr > 0):
+            raise ConfigError(f"--tune-lr {self.tune_lr} must be a finite number > 0 (relative, e.g. 3e-3)")
 
     def _check_types(self) -> None:
         """Every field has its declared type (values from YAML or JSON may not): ints are ints (not bools or
@@ -149,6 +158,9 @@ class QuantConfig:
             d.pop("extra")
         if d["target_bits"] is None:  # absent, as in configs saved before the field existed (same fingerprint)
             d.pop("target_bits")
+        if not d["tune_steps"]:  # off: absent, as in configs saved before the fine-tune existed
+            d.pop("tune_steps")
+            d.pop("tune_lr")
         return d
 
     @classmethod

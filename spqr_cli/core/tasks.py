@@ -146,14 +146,31 @@ def check_tasks(manager: Any, names: Sequence[str]) -> None:
                 "--include-path DIR") from None
 
 
-def settle_offline() -> None:
-    """When the hub cannot be reached (or ``SPQR_OFFLINE=1``), put huggingface_hub and datasets in cache-only mode
-    before they are imported: otherwise each uncached task retries the network for tens of seconds."""
+_OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
+
+
+@contextlib.contextmanager
+def offline_when_unreachable() -> Iterator[None]:
+    """Inside the block, huggingface_hub and datasets are in cache-only mode when the hub cannot be reached (or
+    ``SPQR_OFFLINE=1``): otherwise each uncached task retries the network for tens of seconds. The environment
+    variables are restored after it, so that a program calling ``evaluate_task_paths`` keeps its own settings.
+
+    Both libraries read the variables when they are first imported: the block must come first (as it does for
+    ``spqr eval --tasks``), and a library imported inside it stays in the mode it found."""
     from spqr_cli.core.data import settle_hub_mode
 
-    settle_hub_mode(None)
-    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
-        os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    saved = {name: os.environ.get(name) for name in _OFFLINE_VARIABLES}
+    try:
+        settle_hub_mode(None)
+        if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+            os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def evaluate_tasks(model: Any, tokenizer: Any, tasks: Sequence[str], *, num_fewshot: int | None = None,
@@ -246,24 +263,24 @@ def evaluate_task_paths(model: str, tasks: str | Sequence[str], *, baseline: str
         raise SpQRError("--batch-size must be >= 1")
     if num_fewshot is not None and num_fewshot < 0:
         raise SpQRError(f"--num-fewshot must be >= 0, got {num_fewshot}")
-    settle_offline()
-    manager = task_manager(names, include_path)
-    with _quiet_known_warnings():
-        check_tasks(manager, names)
     result = TaskEvalResult(tasks=names, num_fewshot=num_fewshot, limit=limit, lm_eval_version=lm_eval.__version__)
-    for role, path in (("baseline", baseline), ("model", model)):
-        if path is None:
-            continue
-        loaded, tokenizer = load_any_model(path, dtype, device, verify=verify)
-        param = next(loaded.parameters())
-        started = time.perf_counter()
-        out = evaluate_tasks(loaded, tokenizer, names, num_fewshot=num_fewshot, limit=limit, batch_size=batch_size,
-                             manager=manager)
-        result.models.append(ModelTaskResult(
-            model=path, role=role, scores=scores_from_results(out), seconds=time.perf_counter() - started,
-            device=str(param.device), compute_dtype=str(param.dtype).removeprefix("torch.")))
-        del loaded, tokenizer, param
-        _free_memory()
+    with offline_when_unreachable():
+        manager = task_manager(names, include_path)
+        with _quiet_known_warnings():
+            check_tasks(manager, names)
+        for role, path in (("baseline", baseline), ("model", model)):
+            if path is None:
+                continue
+            loaded, tokenizer = load_any_model(path, dtype, device, verify=verify)
+            param = next(loaded.parameters())
+            started = time.perf_counter()
+            out = evaluate_tasks(loaded, tokenizer, names, num_fewshot=num_fewshot, limit=limit,
+                                 batch_size=batch_size, manager=manager)
+            result.models.append(ModelTaskResult(
+                model=path, role=role, scores=scores_from_results(out), seconds=time.perf_counter() - started,
+                device=str(param.device), compute_dtype=str(param.dtype).removeprefix("torch.")))
+            del loaded, tokenizer, param
+            _free_memory()
     return result
 
 

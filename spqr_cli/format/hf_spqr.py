@@ -226,6 +226,9 @@ def _decode_entries(name: str, n: int, k: int, ro: torch.Tensor,
         rows = torch.repeat_interleave(torch.arange(n), ptr[1:] - ptr[:-1])
         keep = torch.ones(e, dtype=torch.bool)
     elif ptr.numel() == n // TILE + 1:  # PTCSR: per 16-row block, entries interleaved by row; zero words pad
+        if bool(((ptr[1:] - ptr[:-1]) % TILE).any()):  # the rows below come from each slot's place in its line
+            raise SpQRError(f"layer {name}: PTCSR row_offsets must step by whole lines of {TILE} entries; the "
+                            "checkpoint is damaged")
         block = torch.repeat_interleave(torch.arange(n // TILE), ptr[1:] - ptr[:-1])
         rows = block * TILE + torch.arange(e) % TILE
         keep = cv != 0

@@ -17,6 +17,7 @@ the results are bit-identical without storing activations on disk.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -64,7 +65,8 @@ from spqr_cli.quant.ranks import (
     share_record,
     window_share,
 )
-from spqr_cli.quant.record import QuantizedLayer, load_records, save_records
+from spqr_cli.quant.record import QuantizedLayer, load_block_tensors, load_records, save_records
+from spqr_cli.quant.tune import TuneResult, tune_block
 
 FORMAT = "spqr-quant"
 VERSION = 1
@@ -95,6 +97,7 @@ class QuantReport:
     device: str = "cpu"
     resumed_from_block: int = 0
     activations: str = ""  # where the calibration activations lived (``place_activations``)
+    tuning: list[TuneResult] = field(default_factory=list)  # the block fine-tune's result per block (if on)
     # True when a finished run was found in the output directory and this is its saved report (nothing ran); not
     # saved, so that the CLI can say the run was already done instead of showing a 0-second quantization.
     from_saved: bool = field(default=False, compare=False)
@@ -126,6 +129,7 @@ class QuantReport:
             "device": self.device,
             "resumed_from_block": self.resumed_from_block,
             "activations": self.activations,
+            "tuning": [t.to_dict() for t in self.tuning],
             "layers": [
                 {"name": r.name, "shape": list(r.shape), "rel_error": r.rel_error, "outlier_pct": r.outlier_pct,
                  "bits": r.bits, "bits_measured": r.bits_measured, "seconds": r.seconds, "rank": r.rank}
@@ -170,6 +174,7 @@ def _finished_report(out_dir: Path, model_path: str, cfg: QuantConfig, calib_ids
             wall_seconds=float(saved["wall_seconds"]), peak_device_mb=float(saved["peak_device_mb"]),
             peak_host_mb=float(saved["peak_host_mb"]), device=str(saved["device"]),
             activations=str(saved.get("activations", "")),
+            tuning=[TuneResult(**t) for t in saved.get("tuning", [])],
             resumed_from_block=int(old["num_blocks"]), from_saved=True)
     except (OSError, ValueError, KeyError, TypeError, RecursionError):
         return None  # no usable report: re-run (the records are replayed, nothing is quantized again)
@@ -389,6 +394,9 @@ def quantize_model(
     out = Path(out_dir)
     device = init_from_env(device)
     ranks = current_ranks()
+    if cfg.tune_steps and ranks.distributed:
+        raise SpQRError(f"the block fine-tune (--tune-steps) runs in one process, not {ranks.world}; drop the flag or "
+                        "run without a launcher")
     dev = resolve_device(device)
     compute_dtype = torch.float16 if dev.type == "cuda" else torch.float32
     if calib_ids.dim() != 2 or calib_ids.dtype not in (torch.int64, torch.int32):
@@ -432,6 +440,9 @@ def quantize_model(
         torch.cuda.reset_peak_memory_stats(dev)
     n = len(blocks)
 
+    def block_note(i: int, detail: str) -> None:
+        notify("quantize", i, f"block {i}: {detail}")
+
     def notify(stage: str, done: int, detail: str) -> None:
         if progress is not None and ranks.lead:
             ranks_note = f" · {ranks.world} ranks" if ranks.distributed else ""
@@ -444,8 +455,11 @@ def quantize_model(
     for path, module in pre.items():
         weights.materialize(module, path, torch.float16)
     inps, kwargs = _block_inputs(model, adapter, calib_ids[share], dev, compute_dtype)
-    inps, placed = place_activations(inps, dev, activations, _stored_inputs(model, adapter, ranks))
+    # (the fine-tune keeps the original block's outputs as a third buffer)
+    extra = _stored_inputs(model, adapter, ranks) + (1.0 if cfg.tune_steps else 0.0)
+    inps, placed = place_activations(inps, dev, activations, extra)
     spare: torch.Tensor | None = None
+    targets_buf: torch.Tensor | None = None  # the fine-tune's targets, one buffer for the whole run
     notify("quantize", 0, placed)
     report.activations = placed
     kwargs = _to_device(kwargs, dev)
@@ -475,22 +489,36 @@ def quantize_model(
                 notify("replay", i, f"block {i}: reading weights")
                 records, rows = _load_block(record_path, prefix, adapter)
                 report.layers.extend(rows)
+                report.tuning.extend(_load_tuning(record_path))
                 weights.materialize(block, prefix, torch.float16, skip=linear_weights)  # the linears: records
                 for name in adapter.linear_names():
                     lin = block.get_submodule(name)
                     lin.weight = nn.Parameter(records[f"{prefix}.{name}"].dequantize(), requires_grad=False)
+                _apply_block_tensors(block, prefix, load_block_tensors(str(record_path)))
                 block.to(device=dev, dtype=compute_dtype)
                 notify("replay", i + 1, f"block {i} (resumed)")
             else:
                 notify("quantize", i, f"block {i}: reading weights")
                 weights.materialize(block, prefix, torch.float16)
                 block.to(device=dev, dtype=compute_dtype)
+                say = functools.partial(block_note, i)
+                targets = None
+                if cfg.tune_steps:  # the original block's outputs, what the fine-tune matches
+                    say("original outputs for the fine-tune")
+                    targets = _run_block(block, inps, kwargs, dev, compute_dtype, forward_batch, targets_buf)
+                    targets_buf = targets
                 records = _quantize_block(block, prefix, adapter, inps, kwargs, cfg, dev, compute_dtype,
-                                          forward_batch, report, lambda d, _i=i: notify("quantize", _i,
-                                                                                         f"block {_i}: {d}"), ranks)
+                                          forward_batch, report, say, ranks)
                 rows = report.to_dict()["layers"][-len(records):]
-                lead_step(ranks, lambda _i=i, _r=records, _rows=rows, _p=record_path: _commit_block(
-                    out, state, _i, _p, _r, _rows))
+                trained: dict[str, torch.Tensor] = {}
+                result = None
+                if targets is not None:
+                    records, result = tune_block(block, prefix, records, inps, targets, kwargs, dev, cfg.tune_steps,
+                                                 cfg.tune_lr, forward_batch, seed=i, notify=say)
+                    report.tuning.append(result)
+                    trained = _block_tensors(block, prefix, adapter)
+                lead_step(ranks, lambda _i=i, _r=records, _rows=rows, _p=record_path, _t=trained, _x=result:
+                          _commit_block(out, state, _i, _p, _r, _rows, _t, _x))
                 notify("quantize", i + 1, f"block {i} done")
             outs = _run_block(block, inps, kwargs, dev, compute_dtype, forward_batch, spare)
             spare, inps = inps, outs  # this block's inputs are the next block's output buffer
@@ -552,12 +580,47 @@ def model_dir_name(dense: bool) -> str:
 
 
 def _commit_block(out: Path, state: dict[str, Any], i: int, record_path: Path, records: dict[str, QuantizedLayer],
-                  rows: list[dict[str, Any]]) -> None:
-    """Block ``i`` is done: its report rows, its records, then the progress counter (in that order: a counter
-    never points past what is on disk)."""
+                  rows: list[dict[str, Any]], trained: dict[str, torch.Tensor] | None = None,
+                  tuning: TuneResult | None = None) -> None:
+    """Block ``i`` is done: its report rows, its records (with the fine-tune's trained block tensors and result),
+    then the progress counter (in that order: a counter never points past what is on disk)."""
     write_json(rows, record_path.with_suffix(".json"))
-    save_records(str(record_path), records)
+    meta = {"tuning": json.dumps(tuning.to_dict())} if tuning is not None else None
+    save_records(str(record_path), records, extra_meta=meta, block_tensors=trained)
     write_json({**state, "completed_blocks": i + 1, "complete": False}, out / "quant_config.json")
+
+
+def _load_tuning(record_path: Path) -> list[TuneResult]:
+    """The fine-tune's result saved with a committed block (none if it was not tuned): a resumed run reports every
+    block's, not only those it tuned itself."""
+    from safetensors import safe_open
+
+    with safe_open(str(record_path), framework="pt") as f:
+        saved = (f.metadata() or {}).get("tuning")
+    try:
+        return [TuneResult(**json.loads(saved))] if saved else []
+    except (ValueError, TypeError, RecursionError):
+        raise SpQRError(f"the fine-tune result saved in {record_path.name} is damaged; pass --restart to quantize "
+                        "again from scratch") from None
+
+
+def _block_tensors(block: nn.Module, prefix: str, adapter: FamilyAdapter) -> dict[str, torch.Tensor]:
+    """The block's parameters other than its quantized linears' weights (what the fine-tune trains), fp16, by their
+    names in the model: saved with the records, so that a resumed run replays the trained block."""
+    skip = {f"{name}.weight" for name in adapter.linear_names()}
+    return {f"{prefix}.{name}": p.detach().to(torch.float16).cpu() for name, p in block.named_parameters()
+            if name not in skip}
+
+
+def _apply_block_tensors(block: nn.Module, prefix: str, tensors: dict[str, torch.Tensor]) -> None:
+    """Put ``_block_tensors``' saved values back into a freshly read block (nothing to do if it was not tuned)."""
+    params = dict(block.named_parameters())
+    for key, t in tensors.items():
+        name = key[len(prefix) + 1:]
+        if not key.startswith(f"{prefix}.") or name not in params or params[name].shape != t.shape:
+            raise SpQRError(f"the committed records of {prefix} hold an unexpected tensor {key}; pass --restart to "
+                            "quantize again from scratch")
+        params[name].data = t.to(dtype=params[name].dtype, device=params[name].device)
 
 
 def _pre_module_paths(model: nn.Module, adapter: FamilyAdapter) -> dict[str, nn.Module]:

@@ -186,11 +186,14 @@ class QuantizedLayer:
         return cls(**meta, **fields)
 
 
-def save_records(path: str, records: dict[str, QuantizedLayer], extra_meta: dict[str, str] | None = None) -> None:
-    """Write layer records to one safetensors file atomically; metadata holds the shapes."""
+def save_records(path: str, records: dict[str, QuantizedLayer], extra_meta: dict[str, str] | None = None,
+                 block_tensors: dict[str, torch.Tensor] | None = None) -> None:
+    """Write layer records to one safetensors file atomically; metadata holds the shapes. ``block_tensors``: other
+    tensors of the block saved beside them under their own names (the block fine-tune's trained norms,
+    ``load_block_tensors``)."""
     from spqr_cli.core.io import save_safetensors
 
-    tensors: dict[str, torch.Tensor] = {}
+    tensors: dict[str, torch.Tensor] = {k: v.contiguous().cpu() for k, v in (block_tensors or {}).items()}
     for name, rec in records.items():
         tensors.update(rec.to_tensors(prefix=f"{name}."))
     meta = {"layers": json.dumps({name: rec.meta() for name, rec in records.items()})}
@@ -206,3 +209,12 @@ def load_records(path: str) -> dict[str, QuantizedLayer]:
         metas = json.loads(f.metadata()["layers"])
         tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
     return {name: QuantizedLayer.from_tensors(meta, tensors, prefix=f"{name}.") for name, meta in metas.items()}
+
+
+def load_block_tensors(path: str) -> dict[str, torch.Tensor]:
+    """The ``block_tensors`` saved by ``save_records`` (empty for files written without any)."""
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as f:
+        fields = {f"{name}.{field}" for name in json.loads(f.metadata()["layers"]) for field in RECORD_FIELDS}
+        return {k: f.get_tensor(k) for k in f.keys() if k not in fields}  # noqa: SIM118

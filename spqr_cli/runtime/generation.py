@@ -5,7 +5,8 @@ expect. On GPU the KV cache is static (fixed shapes) and, by default, transforme
 (``torch.compile``, mode ``reduce-overhead``: inductor fuses the norms, rotary and activations around the opaque
 ``spqr::linear`` op, and the step replays as one CUDA graph). Eager, a 7B-shaped packed model spends more time in
 Python launching ~230 kernels a token than on the GPU (eager vs compiled tokens/s: ``docs/benchmarks.md``).
-Compiling costs a one-time warm-up, run before the timed generation and reported apart.
+Compiling costs a warm-up, run before the timed generation and reported apart, once per model and cache length:
+the model keeps that length's static cache for later calls (``spqr serve``), which then start at once.
 """
 
 from __future__ import annotations
@@ -16,8 +17,10 @@ import math
 import numbers
 import time
 import warnings
+import weakref
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -112,7 +115,7 @@ def generate(model: Any, tokenizer: Any, prompt: str, max_new_tokens: int = 64, 
     ``on_text`` may raise to stop generating (``spqr serve`` does on a stop string or a closed connection): the
     exception leaves ``generate`` as it is. ``add_special_tokens``: see ``prompt_ids``.
     """
-    from transformers import StaticCache, TextStreamer
+    from transformers import TextStreamer
 
     check_generation_args(max_new_tokens, do_sample, temperature, top_p, top_k)
     device = execution_device(model)
@@ -142,12 +145,10 @@ def generate(model: Any, tokenizer: Any, prompt: str, max_new_tokens: int = 64, 
     if is_offloaded(model):
         pass  # weights move in at every step (accelerate hooks): no static cache or CUDA graph to capture
     elif device.type == "cuda" and compile:
-        # one static cache for the warm-up and the run, its length rounded up so that later calls with similar
-        # lengths reuse the compiled step (each new cache shape compiles again)
+        # the static cache's length is rounded up so that later calls with similar lengths reuse the compiled step
+        # (each new cache shape compiles again)
         length = -(-(ids.shape[1] + max_new_tokens) // CACHE_STEP) * CACHE_STEP
-        cache = StaticCache(config=model.config, max_cache_len=min(length, limit) if limit else length)
-        kwargs.update(past_key_values=cache, disable_compile=False)
-        warm = _warm_up(model, ids, kwargs, on_status)
+        warm = prepare_static_cache(model, ids, kwargs, min(length, limit) if limit else length, on_status)
         if warm is None:
             kwargs["disable_compile"] = True
         compile_seconds = warm or 0.0
@@ -173,6 +174,57 @@ def _quiet_cache_kwarg() -> Iterator[None]:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*past_key_values.*", category=FutureWarning)
         yield
+
+
+MAX_STATIC_CACHES = 2  # per model: a 7B model's 4096-token cache takes 2 GB of GPU memory
+
+
+@dataclass
+class _StaticCaches:
+    """One model's static KV caches by length (least recently used first), and the lengths its compiled decode
+    step was warmed up for."""
+
+    caches: OrderedDict[int, Any] = field(default_factory=OrderedDict)
+    warmed: set[int] = field(default_factory=set)
+    failed: set[int] = field(default_factory=set)  # lengths whose compile failed (decoded eagerly from then on)
+
+
+# per model (dropped with it): a compiled step's CUDA graph is recorded on its cache's tensors, so a later call of
+# the same length replays it only with the same cache object; a new one would compile and record again
+_STATIC_CACHES: weakref.WeakKeyDictionary[Any, _StaticCaches] = weakref.WeakKeyDictionary()
+
+
+def prepare_static_cache(model: Any, ids: torch.Tensor, kwargs: dict[str, Any], length: int,
+                         on_status: Callable[[str], None] | None) -> float | None:
+    """Put ``model``'s static cache of ``length`` tokens in ``kwargs`` (made on first use, emptied on every later
+    one) and warm the compiled step up for that length once per model (``spqr serve`` generates many times).
+
+    Returns the warm-up's seconds, 0.0 when this length was warmed before (or there was nothing to compile), or
+    ``None`` when compiling failed (now or for this length before: not tried again). The caches live as long as
+    the model, one per length used, up to ``MAX_STATIC_CACHES`` (the least recently used is dropped, and warmed
+    again if it comes back); one generation at a time per model, as they are shared."""
+    from transformers import StaticCache
+
+    state = _STATIC_CACHES.setdefault(model, _StaticCaches())
+    cache = state.caches.get(length)
+    if cache is None:
+        while len(state.caches) >= MAX_STATIC_CACHES:  # the least recently used goes, and its warm-up with it
+            state.warmed.discard(state.caches.popitem(last=False)[0])
+        cache = state.caches[length] = StaticCache(config=model.config, max_cache_len=length)
+    else:
+        cache.reset()
+        state.caches.move_to_end(length)
+    kwargs.update(past_key_values=cache, disable_compile=False)
+    if length in state.failed:  # compiling failed for this length before: decode eagerly at once
+        return None
+    if length in state.warmed:
+        return 0.0
+    warm = _warm_up(model, ids, kwargs, on_status)
+    if warm is None:  # every request would pay the failed compile again
+        state.failed.add(length)
+    elif warm:  # (0.0: a single new token, nothing was compiled)
+        state.warmed.add(length)
+    return warm
 
 
 def _warm_up(model: Any, ids: torch.Tensor, kwargs: dict[str, Any],

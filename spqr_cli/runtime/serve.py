@@ -4,13 +4,15 @@ Existing clients (the ``openai`` package, LangChain, curl scripts) then talk to 
 ``GET /v1/models``, ``POST /v1/completions`` and ``POST /v1/chat/completions``, each with ``"stream": true``
 (server-sent events: ``data: {json}\\n\\n`` per text piece, then ``data: [DONE]``) or without.
 
-Why the standard library's ``ThreadingHTTPServer`` and no web framework: the server has three routes, one
-model and one generation at a time; a framework (FastAPI + uvicorn + pydantic) would add three dependencies to
-do what ~300 lines do here, and none of them would run the model any faster. Each connection gets a thread;
-generations are serialized by one lock on the model (one model, one device: running two at once would only
-interleave them), so concurrent requests queue and are answered in turn. Fields and types are checked before a
-request waits for the lock, so a malformed request is answered at once (only the prompt-length check, which needs
-the tokenizer, waits for its turn) with a 4xx and an OpenAI-style error body
+Why the standard library's ``ThreadingHTTPServer`` and no web framework: the server has three routes, one model and
+one generation at a time; a framework (FastAPI + uvicorn + pydantic) would add three dependencies to do what ~300
+lines do here, and none of them would run the model any faster. Each connection gets a thread; generations are
+serialized by one lock on the model (one model, one device: running two at once would only interleave them), so
+concurrent requests queue and are answered in turn. A streamed generation runs in a worker thread that hands its
+text to the connection's thread through a queue: a client that reads slowly (or not at all) delays only its own
+stream, never the lock, and the generation ends within its max_tokens whatever the client does. Fields and types
+are checked before a request waits for the lock, so a malformed request is answered at once (only the prompt-length
+check, which needs the tokenizer, waits for its turn) with a 4xx and an OpenAI-style error body
 ``{"error": {"message", "type", "param", "code"}}``; nothing a client sends leads to a traceback.
 
 Chat prompts: the tokenizer's chat template when it has one (``apply_chat_template`` with the generation prompt);
@@ -20,11 +22,13 @@ otherwise a plain transcript, one ``Role: content`` line per message and a final
 
 from __future__ import annotations
 
+import contextlib
 import json
+import queue
 import secrets
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -261,8 +265,8 @@ class ModelServer:
     def complete(self, req: GenRequest, on_text: Callable[[str], None] | None = None,
                  on_start: Callable[[], None] | None = None) -> Outcome:
         """Generate for ``req`` (waits for the model's lock). ``on_start`` runs once the request is known to fit
-        the context, before the first token (the streaming handler sends its headers there); ``on_text`` gets
-        the output piece by piece, stop strings cut off."""
+        the context, before the first token (``stream`` announces the stream's start there); ``on_text`` gets the
+        output piece by piece, stop strings cut off. Both run under the lock: they must not wait on a client."""
         from spqr_cli.runtime.generation import check_context, generate, prompt_ids
 
         with self.lock:
@@ -307,13 +311,46 @@ class ModelServer:
             if not stopped:
                 rest = stops.flush()
                 if rest and on_text is not None:
-                    on_text(rest)
+                    with contextlib.suppress(_Stop):  # a cancelled stream's consumer is gone: nothing to send
+                        on_text(rest)
             text = stops.text
             if result is not None and not stopped:
                 new, finish = result.new_tokens, "length" if result.new_tokens >= max_tokens else "stop"
             else:
                 new, finish = len(self.tokenizer(text, add_special_tokens=False).input_ids), "stop"
             return Outcome(text=text, prompt_tokens=n_prompt, completion_tokens=new, finish_reason=finish)
+
+    def stream(self, req: GenRequest) -> Iterator[tuple[str, Any]]:
+        """``complete`` for a streaming client, which must not hold the lock: the generation runs in a worker
+        thread and never waits on the client; its events come here through a queue, to be written at the client's
+        pace: ``("start", None)`` once the request fits the context, ``("text", piece)`` ..., then ``("done",
+        Outcome)``. An exception of ``complete`` is raised here. Closing the iterator early (the client went away)
+        ends the generation at its next piece; a client that stalls only delays its own writes."""
+        events: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
+        cancelled = threading.Event()
+
+        def on_text(piece: str) -> None:
+            if cancelled.is_set():
+                raise _Stop
+            events.put(("text", piece))
+
+        def work() -> None:
+            try:
+                events.put(("done", self.complete(req, on_text, on_start=lambda: events.put(("start", None)))))
+            except BaseException as e:  # noqa: BLE001 (handed to the handler thread, which answers it)
+                events.put(("error", e))
+
+        threading.Thread(target=work, name="spqr-generate", daemon=True).start()
+        try:
+            while True:
+                kind, value = events.get()
+                if kind == "error":
+                    raise value
+                yield kind, value
+                if kind == "done":
+                    return
+        finally:
+            cancelled.set()
 
 
 # ---------------------------------------------------------------- HTTP
@@ -486,35 +523,21 @@ class Handler(BaseHTTPRequestHandler):
     def _stream(self, req: GenRequest) -> None:
         cid, created, name = _completion_id(req.chat), int(time.time()), self.ms.name
         started = False
-
-        def start() -> None:
-            nonlocal started
-            self.send_response(200)
-            self.send_header("Content-Type", "text/event-stream")
-            self.send_header("Cache-Control", "no-cache")
-            self.send_header("Transfer-Encoding", "chunked")
-            self.end_headers()
-            started = True
-            if req.chat:
-                self._sse(_chunk(req, cid, created, name, None, None, first=True))
-
-        gone = False
-
-        def piece(text: str) -> None:
-            nonlocal gone
-            if gone:
-                raise _Stop
-            try:
-                self._sse(_chunk(req, cid, created, name, text, None))
-            except OSError:  # the client went away: stop generating for it
-                gone = True
-                raise _Stop from None
-
         try:
-            out = self.ms.complete(req, on_text=piece, on_start=start)
-        except _Stop:  # raised by ``piece`` when the client closed the connection: nobody to answer
-            self.close_connection = True
-            return
+            with contextlib.closing(self.ms.stream(req)) as events:
+                for kind, value in events:
+                    if kind == "done":
+                        out = value
+                        break
+                    try:
+                        if kind == "start":
+                            started = True
+                            self._start_stream(req, cid, created, name)
+                        else:
+                            self._sse(_chunk(req, cid, created, name, value, None))
+                    except OSError:  # the client went away: closing ``events`` ends its generation
+                        self.close_connection = True
+                        return
         except RequestError:
             if started:  # cannot happen today (checks precede on_start); keep the stream well-formed anyway
                 self._end_stream()
@@ -533,6 +556,15 @@ class Handler(BaseHTTPRequestHandler):
             self._sse({"id": cid, "object": "chat.completion.chunk" if req.chat else "text_completion",
                        "created": created, "model": name, "choices": [], "usage": _usage(out)})
         self._end_stream()
+
+    def _start_stream(self, req: GenRequest, cid: str, created: int, name: str) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Cache-Control", "no-cache")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        if req.chat:
+            self._sse(_chunk(req, cid, created, name, None, None, first=True))
 
     def _end_stream(self) -> None:
         self._sse("[DONE]")
