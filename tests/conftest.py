@@ -71,6 +71,28 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture
+def kill_quantize_at(monkeypatch):
+    """``kill_quantize_at(n)`` makes the driver's ``n``-th ``quantize_layer`` call raise ``KeyboardInterrupt`` (a kill
+    in the middle of a run); ``kill_quantize_at(None)`` puts the real one back, to resume."""
+    from spqr_cli.quant import driver
+
+    real = driver.quantize_layer
+
+    def arm(n: int | None) -> None:
+        calls = {"n": 0}
+
+        def dying(*args, **kwargs):
+            calls["n"] += 1
+            if calls["n"] == n:
+                raise KeyboardInterrupt
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(driver, "quantize_layer", real if n is None else dying)
+
+    return arm
+
+
 @pytest.fixture(scope="session")
 def quantized_demo(tmp_path_factory, demo_model_path):
     """The embedded demo model quantized (spqr-3.9bit, 4 x 64 calibration tokens, CPU) and packed, once per

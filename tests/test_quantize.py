@@ -58,25 +58,14 @@ def test_outputs_and_dense_checkpoint(spqr_run: tuple[Path, qmod.QuantReport]) -
 
 
 def test_resume_is_bit_identical(spqr_run: tuple[Path, qmod.QuantReport], tmp_path: Path,
-                                 monkeypatch: pytest.MonkeyPatch) -> None:
-    from spqr_cli.quant import driver
-
+                                 kill_quantize_at) -> None:
     out_full, _ = spqr_run
-    real = driver.quantize_layer
-    calls = {"n": 0}
-
-    def dying(*args, **kwargs):  # simulates a kill in the middle of block 2
-        calls["n"] += 1
-        if calls["n"] == 2 * 7 + 3:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
     out = tmp_path / "run"
-    monkeypatch.setattr(driver, "quantize_layer", dying)
+    kill_quantize_at(2 * 7 + 3)  # in the middle of block 2
     with pytest.raises(KeyboardInterrupt):
         qmod.quantize_model(str(MODEL), load_preset("spqr-3.9bit"), out, _calib(), device="cpu")
     assert json.loads((out / "quant_config.json").read_text())["completed_blocks"] == 2
-    monkeypatch.setattr(driver, "quantize_layer", real)
+    kill_quantize_at(None)
     report = qmod.quantize_model(str(MODEL), load_preset("spqr-3.9bit"), out, _calib(), device="cpu")
     assert report.resumed_from_block == 2
     a, b = _all_tensors(out_full), _all_tensors(out)

@@ -65,7 +65,7 @@ from spqr_cli.quant.ranks import (
     share_record,
     window_share,
 )
-from spqr_cli.quant.record import QuantizedLayer, load_block_tensors, load_records, save_records
+from spqr_cli.quant.record import QuantizedLayer, load_records, read_record_file, save_records
 from spqr_cli.quant.tune import TuneResult, tune_block
 
 FORMAT = "spqr-quant"
@@ -487,14 +487,14 @@ def quantize_model(
             record_path = out / "records" / f"block_{i:04d}.safetensors"
             if i < start_block:
                 notify("replay", i, f"block {i}: reading weights")
-                records, rows = _load_block(record_path, prefix, adapter)
+                records, rows, trained, tuning = _load_block(record_path, prefix, adapter)
                 report.layers.extend(rows)
-                report.tuning.extend(_load_tuning(record_path))
+                report.tuning.extend(tuning)
                 weights.materialize(block, prefix, torch.float16, skip=linear_weights)  # the linears: records
                 for name in adapter.linear_names():
                     lin = block.get_submodule(name)
                     lin.weight = nn.Parameter(records[f"{prefix}.{name}"].dequantize(), requires_grad=False)
-                _apply_block_tensors(block, prefix, load_block_tensors(str(record_path)))
+                _apply_block_tensors(block, prefix, trained)
                 block.to(device=dev, dtype=compute_dtype)
                 notify("replay", i + 1, f"block {i} (resumed)")
             else:
@@ -590,20 +590,6 @@ def _commit_block(out: Path, state: dict[str, Any], i: int, record_path: Path, r
     write_json({**state, "completed_blocks": i + 1, "complete": False}, out / "quant_config.json")
 
 
-def _load_tuning(record_path: Path) -> list[TuneResult]:
-    """The fine-tune's result saved with a committed block (none if it was not tuned): a resumed run reports every
-    block's, not only those it tuned itself."""
-    from safetensors import safe_open
-
-    with safe_open(str(record_path), framework="pt") as f:
-        saved = (f.metadata() or {}).get("tuning")
-    try:
-        return [TuneResult(**json.loads(saved))] if saved else []
-    except (ValueError, TypeError, RecursionError):
-        raise SpQRError(f"the fine-tune result saved in {record_path.name} is damaged; pass --restart to quantize "
-                        "again from scratch") from None
-
-
 def _block_tensors(block: nn.Module, prefix: str, adapter: FamilyAdapter) -> dict[str, torch.Tensor]:
     """The block's parameters other than its quantized linears' weights (what the fine-tune trains), fp16, by their
     names in the model: saved with the records, so that a resumed run replays the trained block."""
@@ -664,15 +650,17 @@ def _finish_dense(model: nn.Module, tokenizer: Any, source: Path, tmp: Path, pat
     replace_dir(tmp, path)
 
 
-def _load_block(record_path: Path, prefix: str, adapter: FamilyAdapter) -> tuple[dict[str, QuantizedLayer],
-                                                                                  list[LayerReport]]:
-    """A committed block's records and report rows, for a resumed run; anything damaged or missing is a one-line
-    error that says how to recover (the run cannot be resumed bit-identically from it)."""
+def _load_block(record_path: Path, prefix: str, adapter: FamilyAdapter) -> tuple[
+        dict[str, QuantizedLayer], list[LayerReport], dict[str, torch.Tensor], list[TuneResult]]:
+    """A committed block's records, report rows, and the fine-tune's trained block tensors and result (none if it
+    was not tuned), for a resumed run; anything damaged or missing is a one-line error that says how to recover
+    (the run cannot be resumed bit-identically from it)."""
     expected = {f"{prefix}.{name}" for name in adapter.linear_names()}
     try:
-        records = load_records(str(record_path))
+        records, trained, meta = read_record_file(str(record_path))
         rows = [LayerReport(**{**r, "shape": tuple(r["shape"])})
                 for r in json.loads(record_path.with_suffix(".json").read_text())]
+        tuning = [TuneResult(**json.loads(meta["tuning"]))] if "tuning" in meta else []
     except Exception as e:  # safetensors, JSON and field errors of a damaged or truncated file
         raise SpQRError(f"the committed records of {prefix} ({record_path.name}) are damaged or missing "
                         f"({type(e).__name__}); pass --restart to quantize again from scratch") from None
@@ -682,7 +670,7 @@ def _load_block(record_path: Path, prefix: str, adapter: FamilyAdapter) -> tuple
     for row in rows:  # rows saved before the field existed: the records give it
         if math.isnan(row.bits_measured) and row.name in records:
             row.bits_measured = records[row.name].packed_bits()
-    return records, rows
+    return records, rows, trained, tuning
 
 
 def _quantize_block(block: nn.Module, prefix: str, adapter: FamilyAdapter, inps: torch.Tensor,

@@ -94,9 +94,11 @@ class QuantizedLayer:
         z = z.repeat_interleave(self.groupsize, dim=1)
         return s * (self.codes.float() - z)
 
-    def dequantize(self) -> torch.Tensor:
-        """The fp16 ``[N, K]`` weight in original column order, outliers included (bit-exact contract)."""
-        w = self.dequantize_permuted().to(torch.float16)
+    def dequantize(self, dtype: torch.dtype = torch.float16) -> torch.Tensor:
+        """The ``[N, K]`` weight in original column order, outliers included: the fp32 decode rounded once to
+        ``dtype``. fp16 is the bit-exact contract; fp32 over trainable statistics is the block fine-tune's
+        differentiable decode (``quant.tune``), which rounds to this exactly."""
+        w = self.dequantize_permuted().to(dtype)
         if self.perm is not None:
             dense = torch.empty_like(w)
             dense[:, self.perm] = w
@@ -106,7 +108,7 @@ class QuantizedLayer:
                 torch.arange(self.out_features, device=w.device),
                 (self.outlier_row_ptr[1:] - self.outlier_row_ptr[:-1]).long(),
             )
-            w[rows, self.outlier_col.long()] = self.outlier_val.to(torch.float16)
+            w[rows, self.outlier_col.long()] = self.outlier_val.to(dtype)
         return w
 
     def formula_bits(self) -> float:
@@ -190,7 +192,7 @@ def save_records(path: str, records: dict[str, QuantizedLayer], extra_meta: dict
                  block_tensors: dict[str, torch.Tensor] | None = None) -> None:
     """Write layer records to one safetensors file atomically; metadata holds the shapes. ``block_tensors``: other
     tensors of the block saved beside them under their own names (the block fine-tune's trained norms,
-    ``load_block_tensors``)."""
+    ``read_record_file``)."""
     from spqr_cli.core.io import save_safetensors
 
     tensors: dict[str, torch.Tensor] = {k: v.contiguous().cpu() for k, v in (block_tensors or {}).items()}
@@ -201,20 +203,20 @@ def save_records(path: str, records: dict[str, QuantizedLayer], extra_meta: dict
     save_safetensors(tensors, path, metadata=meta)
 
 
-def load_records(path: str) -> dict[str, QuantizedLayer]:
-    """Read layer records written by ``save_records`` (safetensors only: no pickle)."""
+def read_record_file(path: str) -> tuple[dict[str, QuantizedLayer], dict[str, torch.Tensor], dict[str, str]]:
+    """Everything ``save_records`` wrote, in one read (safetensors only: no pickle): the layer records, the other
+    ``block_tensors`` (empty for files written without any) and the metadata."""
     from safetensors import safe_open
 
     with safe_open(path, framework="pt") as f:
-        metas = json.loads(f.metadata()["layers"])
+        meta = f.metadata()
         tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
-    return {name: QuantizedLayer.from_tensors(meta, tensors, prefix=f"{name}.") for name, meta in metas.items()}
+    layers = json.loads(meta["layers"])
+    records = {name: QuantizedLayer.from_tensors(m, tensors, prefix=f"{name}.") for name, m in layers.items()}
+    fields = {f"{name}.{field}" for name in layers for field in RECORD_FIELDS}
+    return records, {k: t for k, t in tensors.items() if k not in fields}, meta
 
 
-def load_block_tensors(path: str) -> dict[str, torch.Tensor]:
-    """The ``block_tensors`` saved by ``save_records`` (empty for files written without any)."""
-    from safetensors import safe_open
-
-    with safe_open(path, framework="pt") as f:
-        fields = {f"{name}.{field}" for name in json.loads(f.metadata()["layers"]) for field in RECORD_FIELDS}
-        return {k: f.get_tensor(k) for k in f.keys() if k not in fields}  # noqa: SIM118
+def load_records(path: str) -> dict[str, QuantizedLayer]:
+    """The layer records of a file written by ``save_records``."""
+    return read_record_file(path)[0]

@@ -29,18 +29,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from spqr_cli.quant.record import QuantizedLayer
+from spqr_cli.quant.record import RECORD_FIELDS, QuantizedLayer
 
 
 class TunedLinear(nn.Module):
-    """A quantized linear layer whose continuous parameters train (``QuantizedLayer``'s decode, differentiable)."""
+    """A quantized linear layer whose continuous parameters train, decoded by ``QuantizedLayer.dequantize`` itself
+    (in fp32, differentiable in the statistics and outlier values)."""
 
     def __init__(self, rec: QuantizedLayer, bias: nn.Parameter | None, device: torch.device) -> None:
         super().__init__()
         self.rec = rec
         self.bias = bias
+        # the fixed fields on the training device (codes stay uint8: 1 byte per weight while the block trains)
+        self.fixed = dataclasses.replace(rec, **{f: t.to(device) for f in RECORD_FIELDS
+                                                 if (t := getattr(rec, f)) is not None})
         f32 = {"device": device, "dtype": torch.float32}
-        self.register_buffer("codes", rec.codes.to(device))  # uint8: 1 byte per weight while the block trains
         if rec.stat_bits == 16:
             self.scale = nn.Parameter(rec.scale.to(**f32))
             self.zero = nn.Parameter(rec.zero.to(**f32))
@@ -49,38 +52,20 @@ class TunedLinear(nn.Module):
             # ~1), and the learning rate is relative to a tensor's mean magnitude
             self.scale_a, self.scale_b = (nn.Parameter(t.to(**f32).contiguous()) for t in rec.scale_stats.unbind(-1))
             self.zero_a, self.zero_b = (nn.Parameter(t.to(**f32).contiguous()) for t in rec.zero_stats.unbind(-1))
-            self.register_buffer("scale_codes", rec.scale_codes.to(**f32))
-            self.register_buffer("zero_codes", rec.zero_codes.to(**f32))
-            self.register_buffer("block_of_row", torch.arange(rec.out_features, device=device) // rec.beta2)
         self.outlier_val = nn.Parameter(rec.outlier_val.to(**f32))
-        counts = (rec.outlier_row_ptr[1:] - rec.outlier_row_ptr[:-1]).long().to(device)
-        self.register_buffer("outlier_rows", torch.repeat_interleave(torch.arange(rec.out_features, device=device),
-                                                                     counts))
-        self.register_buffer("outlier_cols", rec.outlier_col.long().to(device))
-        inv = None
-        if rec.perm is not None:
-            inv = torch.empty_like(rec.perm, device=device)
-            inv[rec.perm.to(device)] = torch.arange(rec.in_features, device=device)
-        self.register_buffer("inverse_perm", inv)
 
-    def stats(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """First-level (scale, zero) ``[N, G]``, as ``QuantizedLayer.stats_fp32``."""
+    def trained(self) -> dict[str, torch.Tensor]:
+        """The record fields this layer trains, as the record holds them."""
         if self.rec.stat_bits == 16:
-            return self.scale, self.zero
-        b = self.block_of_row
-        return (self.scale_a[b] * (self.scale_codes - self.scale_b[b]),
-                self.zero_a[b] * (self.zero_codes - self.zero_b[b]))
+            stats = {"scale": self.scale, "zero": self.zero}
+        else:
+            stats = {"scale_stats": torch.stack([self.scale_a, self.scale_b], dim=-1),
+                     "zero_stats": torch.stack([self.zero_a, self.zero_b], dim=-1)}
+        return {**stats, "outlier_val": self.outlier_val}
 
     def weight(self) -> torch.Tensor:
-        """fp32 ``[N, K]`` in original column order, outliers written in (``QuantizedLayer.dequantize`` in fp32)."""
-        s, z = self.stats()
-        gs = self.rec.groupsize
-        w = s.repeat_interleave(gs, dim=1) * (self.codes.float() - z.repeat_interleave(gs, dim=1))
-        if self.inverse_perm is not None:
-            w = w[:, self.inverse_perm]
-        if self.outlier_val.numel():
-            w = w.index_put((self.outlier_rows, self.outlier_cols), self.outlier_val)
-        return w
+        """fp32 ``[N, K]`` in original column order, outliers written in."""
+        return dataclasses.replace(self.fixed, **self.trained()).dequantize(torch.float32)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight().to(x.dtype), self.bias)
@@ -88,16 +73,8 @@ class TunedLinear(nn.Module):
     def record(self) -> QuantizedLayer:
         """The record with the trained values, rounded to fp16 as stored."""
         cpu = self.rec.codes.device
-
-        def fp16(p: torch.Tensor) -> torch.Tensor:
-            return p.detach().to(device=cpu, dtype=torch.float16)
-
-        if self.rec.stat_bits == 16:
-            trained = {"scale": fp16(self.scale), "zero": fp16(self.zero)}
-        else:
-            trained = {"scale_stats": fp16(torch.stack([self.scale_a, self.scale_b], dim=-1)),
-                       "zero_stats": fp16(torch.stack([self.zero_a, self.zero_b], dim=-1))}
-        return dataclasses.replace(self.rec, outlier_val=fp16(self.outlier_val), **trained)
+        return dataclasses.replace(self.rec, **{name: t.detach().to(device=cpu, dtype=torch.float16)
+                                                for name, t in self.trained().items()})
 
 
 @dataclass
