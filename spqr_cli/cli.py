@@ -137,6 +137,25 @@ def user_errors() -> Iterator[None]:
         raise typer.Exit(EXIT_USER_ERROR) from None
 
 
+def _command_args(ctx: typer.Context, leave_out: set[str]) -> list[str]:
+    """The command line that gives this command's parameters (defaults left out), e.g. for other processes to
+    run it again."""
+    args: list[str] = []
+    for param in ctx.command.params:
+        value = ctx.params.get(param.name)
+        if param.name in leave_out or value is None or value == param.default:
+            continue
+        value = value.value if isinstance(value, Enum) else value
+        if param.param_type_name == "argument":
+            args.append(str(value))
+        elif getattr(param, "is_flag", False):
+            if value or param.secondary_opts:
+                args.append(param.opts[0] if value else param.secondary_opts[0])
+        else:
+            args += [param.opts[0], str(value)]
+    return args
+
+
 # ----------------------------------------------------------------------------------------------- early checks
 # Commands check their local paths here, before importing torch/transformers (5-30 s), so a typo fails at once.
 # They only read the file system; they raise SpQRError, so call them inside user_errors().
@@ -335,6 +354,7 @@ class Perm(str, Enum):
 
 @app.command()
 def quantize(
+    ctx: typer.Context,
     model: Annotated[str, typer.Argument(help="Model directory or hub id (LLaMA, Mistral, Qwen2, OPT, Falcon).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output directory (records/, dense/ or unquantized/, "
                                       "report.json); re-running the same command there resumes an interrupted "
@@ -394,6 +414,10 @@ def quantize(
         "fp16 checkpoint as large as the original), or only the tensors that are not quantized (OUT/unquantized/, "
         "all `spqr pack` needs). Default: a resumed run's own choice, else --dense, or --no-dense with --pack.",
         show_default=False)] = None,
+    ranks: Annotated[int, typer.Option(
+        "--ranks", min=1, help="Processes on this host quantizing together: one per GPU (N <= the GPUs), or CPU "
+        "processes over gloo with --device cpu. Spawns what `torchrun --nproc-per-node N -m spqr_cli quantize ...` "
+        "would; the output is the same as one process's.")] = 1,
 ) -> None:
     """Quantize every linear layer of MODEL with SpQR (or GPTQ / RTN), block by block, into OUT.
 
@@ -414,6 +438,14 @@ def quantize(
             raise SpQRError(f"calibration file {str(calib)!r} not found; make one with `spqr calibrate`")
         if out.exists() and not out.is_dir() or any(p.is_file() for p in out.absolute().parents):
             raise SpQRError(f"--out {out} is a file or lies below one; choose a directory path")
+        if ranks > 1 and "RANK" not in os.environ:  # the ranks run this same command (without --ranks)
+            from spqr_cli.quant.ranks import spawn
+
+            code = spawn(ranks, ["quantize", *_command_args(ctx, leave_out={"ranks"})], device.value)
+            if code:
+                raise typer.Exit(code)
+            return
+        lead = os.environ.get("RANK", "0") == "0"  # only rank 0 of several prints
         from spqr_cli.core.config import build_config
 
         cfg = build_config(preset, method.value if method else None, wbits=wbits, groupsize=groupsize, beta2=beta2,
@@ -442,18 +474,20 @@ def quantize(
                                               seqlen=default_seqlen(config, seqlen), seed=seed, data_dir=data_dir,
                                               model=model)
         ids = calib_set.input_ids
-        console().print(f"quantizing [bold]{model}[/] with {cfg.method} ({config_line(cfg)}) on "
-                        f"{ids.shape[0]} x {ids.shape[1]} calibration tokens from "
-                        f"{calib_set.manifest.get('source', calib)}")
+        if lead:
+            console().print(f"quantizing [bold]{model}[/] with {cfg.method} ({config_line(cfg)}) on "
+                            f"{ids.shape[0]} x {ids.shape[1]} calibration tokens from "
+                            f"{calib_set.manifest.get('source', calib)}")
         from spqr_cli.console import print_quant_report, quant_progress
 
         with quant_progress() as progress:
             report = quantize_model(model, cfg, out, ids, calib_set.manifest, device=device.value, restart=restart,
                                     progress=progress, dense=write_dense)
-        if report.from_saved:
+        if report.from_saved and lead:
             console().print(f"{out} already holds this finished run (same model, config and calibration): showing "
                             "its saved report; pass --restart to quantize again")
-        print_quant_report(report, out, next_step=pack_out is None)
+        if lead:
+            print_quant_report(report, out, next_step=pack_out is None)
         if pack_out is not None:  # an earlier --pack of this run (checked above) is rewritten; rank 0 packs
             from spqr_cli.quant.ranks import current_ranks, lead_step
 

@@ -272,9 +272,13 @@ def test_truncated_shard(damaged: Path) -> None:
 
 
 def test_flipped_byte_in_data(damaged: Path) -> None:
-    shard = _shard_of(damaged, QW)
+    col = QW.replace("qweight", "outlier_col")
+    shard = _shard_of(damaged, col)
     data = bytearray(shard.read_bytes())
-    data[-3] ^= 0x10
+    header_len = int.from_bytes(data[:8], "little")
+    start, end = json.loads(data[8 : 8 + header_len])[col]["data_offsets"]
+    assert end - start >= 2
+    data[8 + header_len + start + 1] ^= 0x10  # the high byte of the first outlier's column: +4096
     shard.write_bytes(bytes(data))
     with pytest.raises(SpQRError, match="checksum mismatch"):
         read_packed(damaged)
@@ -452,3 +456,51 @@ def test_quantize_pack_writes_no_dense_copy_and_packs_the_same(quantized_demo, d
                               terminal_width=200)
     assert with_pack.exit_code == 0 and (dense_run / "dense").is_dir(), with_pack.output
     assert _shard_tensors(tmp_path / "packed2").keys() == theirs.keys()
+
+
+def test_shard_writer_files_read_back_with_safetensors(tmp_path: Path) -> None:
+    """The streamed shards (written tensor by tensor, not through save_file) are safetensors files: the library
+    reads back every tensor bit for bit (each dtype, 0-d, empty, non-contiguous) and the header metadata, and a
+    size cap splits them into several shards in the order added."""
+    from spqr_cli.format.pack import ShardWriter
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {
+        "a.f16": torch.randn(3, 5, generator=g).half(), "a.bf16": torch.randn(7, generator=g).bfloat16(),
+        "b.f32": torch.randn(4, 4, generator=g).t(), "b.f64": torch.randn(2, generator=g).double(),
+        "c.u8": torch.randint(0, 255, (9,), generator=g, dtype=torch.uint8),
+        "c.i8": torch.randint(-128, 127, (3, 3), generator=g, dtype=torch.int8),
+        "c.i16": torch.randint(-999, 999, (5,), generator=g, dtype=torch.int16),
+        "c.i32": torch.randint(-2**30, 2**30, (6,), generator=g, dtype=torch.int32),
+        "c.i64": torch.randint(-2**40, 2**40, (2, 1), generator=g, dtype=torch.int64),
+        "d.bool": torch.rand(11, generator=g) > 0.5, "d.scalar": torch.tensor(3.5), "d.empty": torch.zeros(0, 4),
+    }
+    writer = ShardWriter(tmp_path, shard_size_mb=100 / 2**20, files_sha256={"config.json": "0" * 64})
+    for name, t in tensors.items():
+        writer.add(name, t, layer=name.split(".")[0], layer_meta={"bits": 3})
+    with pytest.raises(SpQRError, match="written twice"):
+        writer.add("a.f16", tensors["a.f16"])
+    with pytest.raises(SpQRError, match="does not store"):
+        writer.add("e.complex", torch.zeros(2, dtype=torch.complex64))
+    shard_of = writer.close()
+    assert len(set(shard_of.values())) > 2 and not list(tmp_path.glob(".shard-*"))
+    for name, t in tensors.items():
+        path = tmp_path / shard_of[name]
+        back = load_file(path)[name]
+        assert back.dtype == t.dtype and back.shape == t.shape and torch.equal(back, t), name
+        with safe_open(path, "pt") as f:
+            meta = f.metadata()
+        assert meta["format"] == "pt" and name.split(".")[0] in json.loads(meta["spqr_layers"])
+    one = ShardWriter(tmp_path / "one", shard_size_mb=1)  # every dtype in one shard
+    (tmp_path / "one").mkdir()
+    for name, t in tensors.items():
+        one.add(name, t)
+    assert set(one.close().values()) == {"model.safetensors"}
+    back = load_file(tmp_path / "one" / "model.safetensors")
+    assert all(torch.equal(back[n], t) for n, t in tensors.items())
+    for path in [*tmp_path.glob("*.safetensors"), tmp_path / "one" / "model.safetensors"]:
+        raw = path.read_bytes()  # every tensor starts aligned to its element size, as save_file writes them
+        header_len = int.from_bytes(raw[:8], "little")
+        for name, info in json.loads(raw[8 : 8 + header_len]).items():
+            if name != "__metadata__":
+                assert (8 + header_len + info["data_offsets"][0]) % tensors[name].element_size() == 0, name

@@ -367,17 +367,19 @@ def test_out_below_regular_file(quant: Path, packed: Path, tmp_path: Path) -> No
 def test_disk_full_or_read_only(quant: Path, packed: Path, tmp_path: Path, monkeypatch, err_no: int,
                                 match: str) -> None:
     """As root, chmod does not stop writes: the writer is made to fail as a full or read-only disk would."""
-    import safetensors.torch
+    from spqr_cli.format import pack
 
     def full(*a, **k):
         raise OSError(err_no, os.strerror(err_no))
 
-    monkeypatch.setattr(safetensors.torch, "save_file", full)
-    for args in (["pack", quant, "--out", tmp_path / "p"], ["unpack", packed, "--out", tmp_path / "u"]):
-        code, _, err = cli(args)
-        assert_one_error(code, err, match)
-        assert not (tmp_path / "p").exists() and not (tmp_path / "u").exists()
-    monkeypatch.undo()
+    # the shard writer fails as a tensor's bytes are written, or as a full shard is copied into place
+    for step in ("tensor_bytes", "copy_bytes"):
+        monkeypatch.setattr(pack, step, full)
+        for args in (["pack", quant, "--out", tmp_path / "p"], ["unpack", packed, "--out", tmp_path / "u"]):
+            code, _, err = cli(args)
+            assert_one_error(code, err, match)
+            assert not (tmp_path / "p").exists() and not (tmp_path / "u").exists()
+        monkeypatch.undo()
     monkeypatch.setattr(io, "write_json", full)
     code, _, err = cli(["inspect", packed, "--json", tmp_path / "r.json"])
     assert_one_error(code, err)

@@ -216,14 +216,16 @@ def _quantize_in_process(model: Path, out: Path, env: dict[str, str] | None = No
 
 
 def test_peak_host_memory_does_not_grow_with_depth(tmp_path: Path) -> None:
-    """2 vs 8 blocks of width 1024 (26 MB of fp16 weights per block; the 8-block model holds 154 MB more): the
-    deep run's peak RSS is within 15% (+32 MB) of the shallow one's. Loading the whole model, as before, measured
+    """2 vs 8 blocks of width 1024 (26 MB of fp16 weights per block; the 8-block model holds 154 MB more),
+    quantized and packed (``--pack``: the shard writer holds one tensor, not a shard): the deep run's peak RSS is
+    within 15% (+32 MB) of the shallow one's. Loading the whole model, as before, measured
     779 -> 1016 MB here (+30%); streamed, 624-650 -> 634-687 MB over several runs (+1-6%)."""
     peaks = {}
     for layers in (2, 8):
         model = write_random_llama(tmp_path / f"m{layers}", hidden=1024, intermediate=2816, layers=layers, heads=16,
                                    shard_mb=60, tokenizer_from=DOCS_3M)
-        code, peak, err = _quantize_in_process(model, tmp_path / f"q{layers}")
+        code, peak, err = _quantize_in_process(model, tmp_path / f"q{layers}",
+                                               extra=("--pack", str(tmp_path / f"p{layers}")))
         assert code == 0, err[-2000:]
         peaks[layers] = peak
         assert json.loads((tmp_path / f"q{layers}" / "report.json").read_text())["peak_host_mb"] <= peak + 1
@@ -391,11 +393,11 @@ def test_ranks_split_whole_forward_batches() -> None:
 
 
 def test_activations_stay_in_host_memory_on_cpu() -> None:
-    x = torch.randn(2, 8, 16)
-    placed, line = driver.place_activations(x, torch.device("cpu"))
-    assert placed is x and line == "activations (0.00 GB) in host memory"
+    placed, line = driver.place_activations(torch.Size((2, 8, 16)), torch.float32, torch.device("cpu"))
+    assert placed.device.type == "cpu" and placed.shape == (2, 8, 16) and placed.dtype == torch.float32
+    assert line == "activations (0.00 GB) in host memory"
     with pytest.raises(SpQRError, match="activations must be one of auto, device, host"):
-        driver.place_activations(x, torch.device("cpu"), "disk")
+        driver.place_activations(torch.Size((2, 8, 16)), torch.float32, torch.device("cpu"), "disk")
 
 
 @pytest.mark.gpu
@@ -411,5 +413,28 @@ def test_gpu_activation_placement_does_not_change_the_records(tmp_path: Path, mo
     assert "on the GPU" in reports["device"].activations and "pinned" in reports["host"].activations
     assert_same(streamed_records(tmp_path / "device"), streamed_records(tmp_path / "host"))
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (2**16, 2**30))
-    placed, line = driver.place_activations(torch.randn(4, 64, 256), torch.device("cuda"))
+    placed, line = driver.place_activations(torch.Size((4, 64, 256)), torch.float16, torch.device("cuda"))
     assert placed.is_pinned() and "pinned host memory (too large for the GPU)" in line
+
+
+def test_ranks_flag_spawns_gloo_processes(tmp_path: Path) -> None:
+    """`spqr quantize --ranks 2 --device cpu` launches 2 gloo ranks itself (torch.distributed.run) with the same
+    options: the records equal a one-process run's bit for bit, the report is printed once (by rank 0), and a
+    --ranks the host cannot serve is a one-line error before any work."""
+    from spqr_cli.demo import DEMO_CALIB
+
+    def spqr(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "spqr_cli", "quantize", str(DOCS_3M), "--dataset",
+                               f"file:{DEMO_CALIB}", "--nsamples", "16", "--seqlen", "32", "--method", "gptq",
+                               "--device", "cpu", *args], cwd=REPO, capture_output=True, text=True, timeout=600)
+
+    one, two = spqr("--out", str(tmp_path / "one")), spqr("--out", str(tmp_path / "two"), "--ranks", "2", "--no-dense")
+    assert one.returncode == 0 and two.returncode == 0, (one.stderr[-2000:], two.stderr[-2000:])
+    assert_same(streamed_records(tmp_path / "one"), streamed_records(tmp_path / "two"))
+    assert two.stdout.count("quantized layers") == 1 and two.stdout.count("quantizing ") == 1, two.stdout
+    assert {r["rank"] for r in json.loads((tmp_path / "two" / "report.json").read_text())["layers"]} == {0, 1}
+    assert not (tmp_path / "two" / "dense").exists()  # the ranks got the other options too
+    bad = subprocess.run([sys.executable, "-m", "spqr_cli", "quantize", str(DOCS_3M), "--out", str(tmp_path / "x"),
+                          "--ranks", "2", "--device", "cuda"], cwd=REPO, capture_output=True, text=True,
+                         env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert bad.returncode == 2 and "no CUDA GPU is visible" in bad.stderr and not (tmp_path / "x").exists()

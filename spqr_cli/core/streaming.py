@@ -19,7 +19,7 @@ import os
 import shutil
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 from torch import nn
@@ -254,24 +254,14 @@ class StreamedCheckpointWriter:
         self.shapes = tensors
         self.total_size = 0
         for shard, (file, names) in enumerate(zip(self.files, shards, strict=True)):
-            header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
-            offset = 0
-            for name in names:
-                shape, dtype = tensors[name]
-                nbytes = _numel(shape) * _itemsize(dtype)
-                header[name] = {"dtype": _ST_NAMES[dtype], "shape": list(shape), "data_offsets": [offset,
-                                                                                              offset + nbytes]}
-                offset += nbytes
-            raw = json.dumps(header, separators=(",", ":")).encode()
-            raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+            head, offsets = safetensors_header({name: tensors[name] for name in names}, {"format": "pt"})
+            size = sum(end - start for start, end in offsets.values())
             with open(self.directory / file, "wb") as f:
-                f.write(len(raw).to_bytes(8, "little"))
-                f.write(raw)
-                f.truncate(8 + len(raw) + offset)
-            for name in names:
-                start, end = header[name]["data_offsets"]
-                self.where[name] = (shard, 8 + len(raw) + start, end - start)
-            self.total_size += offset
+                f.write(head)
+                f.truncate(len(head) + size)
+            for name, (start, end) in offsets.items():
+                self.where[name] = (shard, len(head) + start, end - start)
+            self.total_size += size
         self.written: set[str] = set()
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
@@ -280,11 +270,11 @@ class StreamedCheckpointWriter:
         if tuple(tensor.shape) != tuple(shape) or tensor.dtype != dtype:
             raise SpQRError(f"internal error: {name} is {tuple(tensor.shape)} {tensor.dtype}, the header says "
                             f"{tuple(shape)} {dtype}")
-        data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
+        data = tensor_bytes(tensor)
         assert data.nbytes == nbytes
         with open(self.directory / self.files[shard], "r+b") as f:
             f.seek(start)
-            f.write(memoryview(data))
+            f.write(data)
         self.written.add(name)
 
     def close(self) -> None:
@@ -294,6 +284,48 @@ class StreamedCheckpointWriter:
                             f"(first: {missing[0]})")
         write_shard_index(self.directory, {n: self.files[self.where[n][0]] for n in self.shapes},
                           {"total_size": self.total_size})
+
+
+def safetensors_header(tensors: dict[str, tuple[tuple[int, ...], torch.dtype]],
+                       metadata: dict[str, str]) -> tuple[bytes, dict[str, tuple[int, int]]]:
+    """What precedes the data of a safetensors file holding ``tensors`` (name -> (shape, dtype)) in this order:
+    the header's length (8 bytes, little-endian) and the JSON header, padded so the data starts 8-byte aligned
+    as safetensors writes it; and each tensor's (start, end) byte offsets within the data."""
+    header: dict[str, Any] = {"__metadata__": metadata}
+    offsets: dict[str, tuple[int, int]] = {}
+    offset = 0
+    for name, (shape, dtype) in tensors.items():
+        nbytes = _numel(shape) * _itemsize(dtype)
+        offsets[name] = (offset, offset + nbytes)
+        header[name] = {"dtype": safetensors_dtype(dtype, name), "shape": list(shape),
+                        "data_offsets": list(offsets[name])}
+        offset += nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    return len(raw).to_bytes(8, "little") + raw, offsets
+
+
+def safetensors_dtype(dtype: torch.dtype, name: str) -> str:
+    """safetensors' name of ``dtype`` (the header's "dtype" field); an error for one it cannot hold."""
+    if dtype not in _ST_NAMES:
+        raise SpQRError(f"tensor {name} has dtype {dtype}, which this writer does not store in safetensors")
+    return _ST_NAMES[dtype]
+
+
+def copy_bytes(src: BinaryIO, dst: BinaryIO, nbytes: int, chunk: int = 16 * 2**20) -> None:
+    """Copy ``nbytes`` from ``src``'s position to ``dst``, ``chunk`` at a time; an error if ``src`` ends first."""
+    while nbytes > 0:
+        data = src.read(min(chunk, nbytes))
+        if not data:
+            raise SpQRError("internal error: a shard's data file ended early")
+        dst.write(data)
+        nbytes -= len(data)
+
+
+def tensor_bytes(t: torch.Tensor) -> memoryview:
+    """``t``'s bytes as safetensors stores them (C order, little-endian: this host's), without a copy when ``t``
+    is a contiguous CPU tensor."""
+    return memoryview(t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy())
 
 
 def replace_dir(tmp: Path, path: Path) -> None:

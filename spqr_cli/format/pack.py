@@ -30,7 +30,7 @@ from spqr_cli.core.io import (
     user_os_errors,
     write_shard_index,
 )
-from spqr_cli.core.streaming import CheckpointWeights
+from spqr_cli.core.streaming import CheckpointWeights, copy_bytes, safetensors_dtype, safetensors_header, tensor_bytes
 from spqr_cli.format.checkpoint import (
     CONFIG_NAME,
     DEFAULT_SHARD_MB,
@@ -82,7 +82,16 @@ def output_dir(out_dir: Path, overwrite: bool, source: Path) -> Iterator[Path]:
 
 
 class ShardWriter:
-    """Streams tensors into size-capped safetensors shards; final names are assigned once the count is known."""
+    """Streams tensors into size-capped safetensors shards; final names are assigned once the count is known.
+
+    A tensor's bytes go to the pending shard's data file as soon as it is added, so host memory holds one tensor,
+    not a shard (``safetensors.save_file`` takes every tensor of a file at once and copies them: twice a shard, up
+    to 4 GB at the default 2 GB shards, whatever the model's depth). When the shard is full it is written in the
+    safetensors layout: the header (``core.streaming.safetensors_header``), then each tensor's bytes copied from the
+    data file, largest element size first as safetensors orders them, so every tensor starts aligned to its
+    element size. The cost is disk: each shard's data is written twice, and the data file of one shard sits beside
+    the finished ones until its shard is written. The files are read back with the safetensors library (tested).
+    """
 
     def __init__(self, directory: Path, shard_size_mb: float, prefix: str = "model",
                  files_sha256: dict[str, str] | None = None) -> None:
@@ -90,37 +99,54 @@ class ShardWriter:
         self.max_bytes = max(1, int(shard_size_mb * 2**20))
         self.files_sha256 = files_sha256
         self.pending_layers: dict[str, dict[str, Any]] = {}
-        self.pending: dict[str, torch.Tensor] = {}
+        # the pending shard's tensors in the order added: shape, dtype and where their bytes start in its data file
+        self.pending: dict[str, tuple[tuple[int, ...], torch.dtype, int]] = {}
         self.pending_bytes = 0
         self.files: list[Path] = []
         self.shard_of: dict[str, int] = {}
         self.total_bytes = 0
 
+    @property
+    def _data_path(self) -> Path:
+        return self.directory / f".shard-{len(self.files):05d}.data"
+
     def add(self, name: str, t: torch.Tensor, layer: str | None = None,
             layer_meta: dict[str, Any] | None = None) -> None:
-        """Queue tensor ``name``; ``layer_meta`` (the scalars of its quantized ``layer``) goes into the header
-        metadata of the shard that holds it, so the config's values can be cross-checked at load."""
+        """Write tensor ``name`` into the pending shard; ``layer_meta`` (the scalars of its quantized ``layer``)
+        goes into the header metadata of the shard that holds it, so the config's values can be cross-checked at
+        load."""
+        if name in self.shard_of:
+            raise SpQRError(f"internal error: tensor {name} was written twice")
+        safetensors_dtype(t.dtype, name)
         nbytes = t.numel() * t.element_size()
         if self.pending and self.pending_bytes + nbytes > self.max_bytes:
             self.flush()
+        with open(self._data_path, "ab") as data:
+            data.write(tensor_bytes(t))
         if layer is not None and layer_meta is not None:
             self.pending_layers[layer] = layer_meta
-        self.pending[name] = t.contiguous().cpu()
+        self.pending[name] = (tuple(t.shape), t.dtype, self.pending_bytes)
         self.pending_bytes += nbytes
         self.total_bytes += nbytes
         self.shard_of[name] = len(self.files)
 
     def flush(self) -> None:
-        from safetensors.torch import save_file
-
         if not self.pending:
             return
-        path = self.directory / f".shard-{len(self.files):05d}.tmp"
         metadata = {"format": "pt"}
         if self.files_sha256 is not None:  # packed shards (not unpack's plain HF ones)
             metadata[SHARD_LAYERS_KEY] = json.dumps(self.pending_layers, sort_keys=True, separators=(",", ":"))
             metadata[SHARD_FILES_KEY] = json.dumps(self.files_sha256, sort_keys=True, separators=(",", ":"))
-        save_file(self.pending, str(path), metadata=metadata)
+        order = sorted(self.pending, key=lambda n: -self.pending[n][1].itemsize)  # stable: then as added
+        head, offsets = safetensors_header({n: self.pending[n][:2] for n in order}, metadata)
+        path = self.directory / f".shard-{len(self.files):05d}.tmp"
+        with open(path, "wb") as f, open(self._data_path, "rb") as data:
+            f.write(head)
+            for name in order:
+                start, end = offsets[name]
+                data.seek(self.pending[name][2])
+                copy_bytes(data, f, end - start)
+        self._data_path.unlink()
         chmod_like_open(path)
         self.files.append(path)
         self.pending, self.pending_bytes, self.pending_layers = {}, 0, {}

@@ -53,6 +53,7 @@ from spqr_cli.core.streaming import (
     replace_dir,
     trim_host_memory,
 )
+from spqr_cli.quant import column_graphs
 from spqr_cli.quant.hessian import HessianAccumulator
 from spqr_cli.quant.methods import get_method, quantize_layer
 from spqr_cli.quant.ranks import (
@@ -217,12 +218,18 @@ class _StopForward(Exception):
 
 @torch.no_grad()
 def _block_inputs(model: nn.Module, adapter: FamilyAdapter, input_ids: torch.Tensor, device: torch.device,
-                  dtype: torch.dtype) -> tuple[torch.Tensor, dict[str, Any]]:
-    """Inputs of block 0 for every calibration sample (host memory) and the block's extra kwargs."""
+                  dtype: torch.dtype, allocate: Callable[[torch.Size, torch.dtype], torch.Tensor] | None = None,
+                  ) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Inputs of block 0 for every calibration sample and the block's extra kwargs.
+
+    ``allocate(shape, dtype)`` makes the buffer they are written into, one sample at a time as the embeddings
+    produce them (``place_activations``: on the GPU or in pinned host memory), so the host never holds them twice;
+    default: host memory."""
     blocks = adapter.get_blocks(model)
     first = blocks[0]
-    captured: list[torch.Tensor] = []
-    kwargs_holder: dict[str, Any] = {}
+    buffer: torch.Tensor | None = None
+    block_kwargs: dict[str, Any] = {}
+    sample = 0
 
     class Catcher(nn.Module):
         def __init__(self) -> None:
@@ -230,9 +237,12 @@ def _block_inputs(model: nn.Module, adapter: FamilyAdapter, input_ids: torch.Ten
             self.attention_type = getattr(first, "attention_type", "full_attention")
 
         def forward(self, hidden: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-            captured.append(hidden.to("cpu"))
-            if not kwargs_holder:
-                kwargs_holder.update(kwargs)
+            nonlocal buffer
+            if buffer is None:
+                shape = torch.Size((input_ids.shape[0], *hidden.shape[1:]))
+                buffer = allocate(shape, hidden.dtype) if allocate else torch.empty(shape, dtype=hidden.dtype)
+                block_kwargs.update(kwargs)
+            buffer[sample].copy_(hidden[0])
             raise _StopForward
 
     pre = adapter.pre_modules(model)
@@ -240,17 +250,17 @@ def _block_inputs(model: nn.Module, adapter: FamilyAdapter, input_ids: torch.Ten
         m.to(device=device, dtype=dtype)
     blocks[0] = Catcher()
     try:
-        for i in range(input_ids.shape[0]):
+        for sample in range(input_ids.shape[0]):  # the catcher writes window `sample`
             try:
-                model(input_ids[i : i + 1].to(device), use_cache=False)
+                model(input_ids[sample : sample + 1].to(device), use_cache=False)
             except _StopForward:
                 pass
     finally:
         blocks[0] = first
         for m in pre:
             m.to("cpu")
-    kwargs = {k: v for k, v in kwargs_holder.items() if k not in ("cache", "past_key_values", "use_cache")}
-    return torch.cat(captured), kwargs
+    kwargs = {k: v for k, v in block_kwargs.items() if k not in ("cache", "past_key_values", "use_cache")}
+    return buffer, kwargs
 
 
 def _to_device(obj: Any, device: torch.device) -> Any:
@@ -281,9 +291,9 @@ def _run_block(block: nn.Module, inps: torch.Tensor, kwargs: dict[str, Any], dev
 ACTIVATION_PLACES = ("auto", "device", "host")
 
 
-def place_activations(inps: torch.Tensor, device: torch.device, where: str = "auto",
+def place_activations(shape: torch.Size, dtype: torch.dtype, device: torch.device, where: str = "auto",
                       stored: float = 0.0) -> tuple[torch.Tensor, str]:
-    """Move the calibration activations to where they live between blocks; returns them and a line saying where.
+    """An empty buffer for the calibration activations where they live between blocks, and a line saying where.
 
     On a GPU they stay on it when a block's inputs and outputs (twice their size, plus ``stored`` times it: the
     layer inputs a rank keeps for its Hessians, ``_stored_inputs``) fit in half of its free memory ("auto";
@@ -293,16 +303,18 @@ def place_activations(inps: torch.Tensor, device: torch.device, where: str = "au
     """
     if where not in ACTIVATION_PLACES:
         raise SpQRError(f"activations must be one of {', '.join(ACTIVATION_PLACES)}, got {where!r}")
-    size = f"{inps.numel() * inps.element_size() / 2**30:.2f} GB"
+    nbytes = shape.numel() * dtype.itemsize
+    size = f"{nbytes / 2**30:.2f} GB"
     if device.type != "cuda":
-        return inps, f"activations ({size}) in host memory"
-    need = (2 + stored) * inps.numel() * inps.element_size()
-    if where == "device" or where == "auto" and need <= torch.cuda.mem_get_info(device)[0] // 2:
-        return inps.to(device), f"activations ({size} x 2) on the GPU"
+        return torch.empty(shape, dtype=dtype), f"activations ({size}) in host memory"
+    if where == "device" or where == "auto" and (2 + stored) * nbytes <= torch.cuda.mem_get_info(device)[0] // 2:
+        return torch.empty(shape, dtype=dtype, device=device), f"activations ({size} x 2) on the GPU"
     try:
-        return inps.cpu().pin_memory(), f"activations ({size} x 2) in pinned host memory (too large for the GPU)"
+        return (torch.empty(shape, dtype=dtype, pin_memory=True),
+                f"activations ({size} x 2) in pinned host memory (too large for the GPU)")
     except RuntimeError:  # no page-locked memory to be had
-        return inps.cpu(), f"activations ({size} x 2) in host memory (too large for the GPU; pinning failed)"
+        line = f"activations ({size} x 2) in host memory (too large for the GPU; pinning failed)"
+        return torch.empty(shape, dtype=dtype), line
 
 
 @torch.no_grad()
@@ -454,10 +466,16 @@ def quantize_model(
     pre = _pre_module_paths(model, adapter)
     for path, module in pre.items():
         weights.materialize(module, path, torch.float16)
-    inps, kwargs = _block_inputs(model, adapter, calib_ids[share], dev, compute_dtype)
     # (the fine-tune keeps the original block's outputs as a third buffer)
     extra = _stored_inputs(model, adapter, ranks) + (1.0 if cfg.tune_steps else 0.0)
-    inps, placed = place_activations(inps, dev, activations, extra)
+    placed = ""
+
+    def allocate(shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
+        nonlocal placed
+        buffer, placed = place_activations(shape, dtype, dev, activations, extra)
+        return buffer
+
+    inps, kwargs = _block_inputs(model, adapter, calib_ids[share], dev, compute_dtype, allocate)
     spare: torch.Tensor | None = None
     targets_buf: torch.Tensor | None = None  # the fine-tune's targets, one buffer for the whole run
     notify("quantize", 0, placed)
@@ -549,6 +567,8 @@ def quantize_model(
         if ranks.lead:  # rebuilt from the blocks by the next run: never left behind half-written
             shutil.rmtree(dense_tmp, ignore_errors=True)
         raise
+    finally:
+        column_graphs.clear()  # the column loop's CUDA graphs and their memory
     report.wall_seconds = report.wall_seconds or time.perf_counter() - t0
     return report
 

@@ -120,13 +120,14 @@ def make_record(
     k: int,
     gs: int,
     codes: torch.Tensor,
-    groups: list[GroupStats],
+    groups: list[dict[str, torch.Tensor]],
     perm: torch.Tensor | None,
     outlier: torch.Tensor | None,
     outlier_val: torch.Tensor | None,
 ) -> QuantizedLayer:
-    """Assemble the CPU record: stats stacked over groups, outliers as CSR in original column order."""
-    stored = {name: torch.stack([g.stored[name] for g in groups], dim=1).cpu() for name in groups[0].stored}
+    """Assemble the CPU record: each group's stored statistics (``GroupStats.stored``) stacked over groups,
+    outliers as CSR in original column order."""
+    stored = {name: torch.stack([g[name] for g in groups], dim=1).cpu() for name in groups[0]}
     if outlier is None:
         row_ptr = torch.zeros(n + 1, dtype=torch.int32)
         cols = torch.zeros(0, dtype=torch.int32)

@@ -1,7 +1,8 @@
 """Several processes quantizing one model together (``torch.distributed``: NCCL on GPUs, gloo on CPUs).
 
-Launched by ``torchrun --nproc-per-node N -m spqr_cli quantize ...`` (or any launcher that sets ``RANK``,
-``WORLD_SIZE``, ``MASTER_ADDR`` and ``MASTER_PORT``), or in a process group the caller initialized. Each rank runs
+Launched by ``spqr quantize --ranks N`` (``spawn``), ``torchrun --nproc-per-node N -m spqr_cli quantize ...`` (or
+any launcher that sets ``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR`` and ``MASTER_PORT``), or in a process group the
+caller initialized. Each rank runs
 the calibration windows of its share of the forward batches through every block; the Hessians are completed by
 passing the running sum from rank to rank in window order (``chain_hessians``), so the fp32 additions happen in
 exactly the order of one process and the records are bit-identical to a one-process run with the same
@@ -71,6 +72,27 @@ def init_from_env(device: str) -> str:
         # longer than the 10-minute default on a large model
         dist.init_process_group(backend="nccl" if use_cuda else "gloo", timeout=COLLECTIVE_TIMEOUT)
     return device
+
+
+def spawn(nproc: int, args: list[str], device: str) -> int:
+    """Run ``spqr <args>`` as ``nproc`` ranks on this host (``torch.distributed.run``, standalone rendezvous) and
+    return their exit code: one rank per GPU when ``device`` is cuda (or auto with GPUs), else CPU processes over
+    gloo, each given an equal share of the cores."""
+    import subprocess
+    import sys
+
+    gpus = torch.cuda.device_count() if device != "cpu" and torch.cuda.is_available() else 0
+    if device.startswith("cuda") and gpus == 0:
+        raise SpQRError(f"--ranks {nproc} on --device {device}: no CUDA GPU is visible; use --device cpu for CPU "
+                        "processes")
+    if gpus and nproc > gpus:
+        raise SpQRError(f"--ranks {nproc} needs {nproc} GPUs, {gpus} visible; use --ranks {gpus} or fewer")
+    env = dict(os.environ)
+    if not gpus:
+        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           "-m", "spqr_cli", *args]
+    return subprocess.call(cmd, env=env)
 
 
 def window_share(nsamples: int, forward_batch: int, ranks: Ranks) -> slice:

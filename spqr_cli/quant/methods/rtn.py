@@ -21,7 +21,7 @@ def quantize_rtn(weight: torch.Tensor, hessian: None, cfg: QuantConfig) -> Quant
     for g0 in range(0, k, gs):
         stats = GroupStats(w[:, g0 : g0 + gs], cfg, holds_zero=True)
         codes[:, g0 : g0 + gs] = stats.quantize(w[:, g0 : g0 + gs])
-        groups.append(stats)
+        groups.append(stats.stored)
     return make_record(cfg, n, k, gs, codes, groups, None, None, None)
 
 

@@ -36,6 +36,7 @@ import torch
 
 from spqr_cli.core.config import QuantConfig
 from spqr_cli.core.errors import SpQRError
+from spqr_cli.quant.column_graphs import BlockOutputs, ReplayedStep, replayed_step
 from spqr_cli.quant.grid import GroupStats, make_record, minmax_params, quantize_codes
 from spqr_cli.quant.methods import QuantMethod
 from spqr_cli.quant.record import QuantizedLayer
@@ -87,14 +88,20 @@ def _without_outliers(w: torch.Tensor, outlier: torch.Tensor) -> torch.Tensor:
 
 
 def _inverse_cholesky(h: torch.Tensor, percdamp: float) -> torch.Tensor:
-    """Damp ``h`` (dead diagonal already 0) in place and return the upper Cholesky factor of its inverse."""
+    """Damp ``h`` (dead diagonal already 0) and return the upper Cholesky factor of its inverse. ``h`` is used as
+    scratch (it ends holding ``H⁻¹``): each step's result is copied into it and the temporary dropped, so at most
+    two ``[K, K]`` matrices are alive (a LLaMA-70B down projection's is 3.3 GB in fp32)."""
     dead = torch.diag(h) == 0
     idx = torch.arange(h.shape[0], device=h.device)
     h[idx, idx] += percdamp * torch.diag(h).abs().mean()
     h[idx[dead], idx[dead]] = 1.0
     lower, info = torch.linalg.cholesky_ex(h)
+    u = None
     if info.item() == 0:
-        u, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(lower), upper=True)
+        h.copy_(lower)
+        del lower
+        h.copy_(torch.cholesky_inverse(h))
+        u, info = torch.linalg.cholesky_ex(h, upper=True)
     if info.item() != 0:
         raise SpQRError(
             f"the damped Hessian is not positive definite (percdamp {percdamp}); "
@@ -109,30 +116,73 @@ def prepare_obs(weight: torch.Tensor, hessian: torch.Tensor,
     only: the fp32 weight in column order with dead columns zeroed, the permutation (or ``None``) and ``U``.
     Computed once per layer when several thresholds are tried (``fit_budget``)."""
     w = weight.detach().to(dtype=torch.float32, copy=True)
-    h = hessian.detach().to(device=weight.device, dtype=torch.float32, copy=True)
+    act_order = cfg.perm == "act_order"
+    h = hessian.detach().to(device=weight.device, dtype=torch.float32, copy=not act_order)
     perm = None
-    if cfg.perm == "act_order":
+    if act_order:
         perm = torch.argsort(torch.diag(h), descending=True, stable=True)
-        w, h = w[:, perm], h[perm][:, perm]
+        w, h = w[:, perm], h.index_select(0, perm)
+        h = h.index_select(1, perm)  # (one [K, K] temporary; h[perm[:, None], perm] would build two index tensors)
     dead = torch.diag(h) == 0
     w[:, dead] = 0
     return w, perm, _inverse_cholesky(h, cfg.percdamp)
 
 
+def _quantize_columns(w: torch.Tensor, d: torch.Tensor, u: torch.Tensor, threshold: torch.Tensor | float,
+                    out: BlockOutputs, *, cfg: QuantConfig, gs: int, holds_zero: bool, first: int = 0,
+                    stats: GroupStats | None = None) -> tuple[list[GroupStats], GroupStats | None]:
+    """Steps 5-6 for one block of ``B = len(u)`` columns: quantize ``w[:, :B]`` in place (each column becomes its
+    decoded value; the later columns of the block take its error update) and write ``out``.
+
+    ``w`` ``[N, >= B]`` and ``d`` (``diag(U)``, ``>= B``) start at the block's first column, which is column
+    ``first`` of the layer (a group fitted inside the block may reach past it); ``u`` is ``U[block, block]``;
+    ``threshold`` the outlier threshold (``math.inf``: none; a 0-d tensor when replayed as a CUDA graph); ``gs``
+    the layer's group size; ``stats`` the statistics of a group begun in an earlier block. Returns the groups
+    begun here and the statistics in use at the end.
+    """
+    size = u.shape[0]
+    begun = []
+    for j in range(size):
+        if (first + j) % gs == 0:
+            group = w[:, j : j + gs]
+            if out.outlier is not None:
+                likely = _loo_error_reduction(group, d[j : j + gs], 2**cfg.wbits - 1, cfg.sym) > threshold
+                group = _without_outliers(group, likely)
+            stats = GroupStats(group, cfg, holds_zero)
+            begun.append(stats)
+        col = w[:, j]
+        q = stats.quantize(col)
+        deq = stats.decode(q)
+        if out.outlier is not None:
+            is_out = ((col - deq) / d[j]).square() > threshold
+            kept = col.to(torch.float16)
+            deq = torch.where(is_out, kept.float(), deq)
+            q = torch.where(is_out, stats.code_of_zero, q)  # a valid code; dequantize() overwrites it
+            out.outlier[:, j] = is_out
+            out.outlier_val[:, j] = torch.where(is_out, kept, 0)
+        out.codes[:, j] = q
+        e = out.err[:, j]
+        torch.div(col - deq, d[j], out=e)
+        w[:, j] = deq
+        w[:, j + 1 : size].addr_(e, u[j, j + 1 :], alpha=-1)
+    return begun, stats
+
+
 def quantize_obs(weight: torch.Tensor, hessian: torch.Tensor, cfg: QuantConfig, *, outliers: bool,
                  holds_zero: bool,
-                 prepared: tuple[torch.Tensor, torch.Tensor | None, torch.Tensor] | None = None) -> QuantizedLayer:
+                 prepared: tuple[torch.Tensor, torch.Tensor | None, torch.Tensor] | None = None,
+                 graphs: bool = True) -> QuantizedLayer:
     """Quantize one layer's ``weight`` ``[N, K]`` column by column with error feedback through ``hessian``.
 
     ``outliers``: select fp16 outliers with ``cfg.outlier_threshold`` (SpQR; off for GPTQ). ``holds_zero``: the
     grid of ``grid.GroupStats``. ``prepared``: ``prepare_obs``'s result for this weight, Hessian and config, reused
-    (not modified). The work runs on ``weight.device`` in fp32; the result's tensors are on the CPU.
+    (not modified). The work runs on ``weight.device`` in fp32; the result's tensors are on the CPU. On a GPU the
+    full blocks that start on a group boundary are replayed as one CUDA graph each (``quant.column_graphs``; same
+    kernels, same result; ``graphs=False`` runs every block eagerly).
     """
     n, k = weight.shape
     gs = cfg.group_size_for(k)
     dev = weight.device
-    codes = torch.empty(n, k, dtype=torch.uint8, device=dev)  # permuted column order
-    groups: list[GroupStats] = []
     w, perm, u = prepared if prepared is not None else prepare_obs(weight, hessian, cfg)
     if prepared is not None:
         w = w.clone()  # the column loop updates it in place
@@ -143,41 +193,38 @@ def quantize_obs(weight: torch.Tensor, hessian: torch.Tensor, cfg: QuantConfig, 
     if use_outliers:
         col_var = w.var(dim=0, correction=1 if n > 1 else 0)
         threshold = cfg.outlier_threshold * (col_var / d.square()).mean().item()
-        outlier = torch.zeros(n, k, dtype=torch.bool, device=dev)
-        outlier_val = torch.zeros(n, k, dtype=torch.float16, device=dev)
+    codes = torch.empty(n, k, dtype=torch.uint8, device=dev)  # permuted column order
+    outlier = torch.empty(n, k, dtype=torch.bool, device=dev) if use_outliers else None
+    outlier_val = torch.empty(n, k, dtype=torch.float16, device=dev) if use_outliers else None
+    err = torch.empty(n, cfg.blocksize, dtype=torch.float32, device=dev)  # one block's (w - q) / U[i, i]
 
-    err = torch.empty(n, cfg.blocksize, dtype=torch.float32, device=dev)  # (w - q) / U[i, i] of this block
+    size = cfg.blocksize
+    replay = None
+    if graphs and dev.type == "cuda" and size % gs == 0 and k >= 3 * size:  # capture pays off from ~3 blocks
+
+        def step(w: torch.Tensor, d: torch.Tensor, u: torch.Tensor, threshold: torch.Tensor,
+                 out: BlockOutputs) -> list[dict[str, torch.Tensor]]:
+            begun, _ = _quantize_columns(w, d, u, threshold, out, cfg=cfg, gs=gs, holds_zero=holds_zero)
+            return [g.stored for g in begun]
+
+        # everything the step's kernels depend on: the threshold is an input, so it is left out
+        key = (dev, n, size, holds_zero, use_outliers, repr(cfg.replace(outlier_threshold=math.inf, target_bits=None)))
+        replay = replayed_step(key, lambda: ReplayedStep(step, n, size, dev, use_outliers))
+    stored: list[dict[str, torch.Tensor]] = []
     stats: GroupStats | None = None
-    for b0 in range(0, k, cfg.blocksize):
-        b1 = min(b0 + cfg.blocksize, k)
-        for i in range(b0, b1):
-            e = err[:, i - b0]
-            if i % gs == 0:
-                group = w[:, i : i + gs]
-                if use_outliers:
-                    likely = _loo_error_reduction(group, d[i : i + gs], 2**cfg.wbits - 1, cfg.sym) > threshold
-                    group = _without_outliers(group, likely)
-                stats = GroupStats(group, cfg, holds_zero)
-                groups.append(stats)
-            col = w[:, i]
-            q = stats.quantize(col)
-            deq = stats.decode(q)
-            if use_outliers:
-                is_out = ((col - deq) / d[i]).square() > threshold
-                kept = col.to(torch.float16)
-                deq = torch.where(is_out, kept.float(), deq)
-                q = torch.where(is_out, stats.code_of_zero, q)  # a valid code; dequantize() overwrites it
-                outlier[:, i] = is_out
-                outlier_val[:, i] = torch.where(is_out, kept, 0)
-            codes[:, i] = q
-            torch.div(col - deq, d[i], out=e)
-            w[:, i] = deq
-            w[:, i + 1 : b1].addr_(e, u[i, i + 1 : b1], alpha=-1)
-        w[:, b1:].addmm_(err[:, : b1 - b0], u[b0:b1, b1:], alpha=-1)
-
-    if not use_outliers:
-        return make_record(cfg, n, k, gs, codes, groups, perm, None, None)
-    return make_record(cfg, n, k, gs, codes, groups, perm, outlier, outlier_val)
+    for b0 in range(0, k, size):
+        b1 = min(b0 + size, k)
+        out = BlockOutputs(codes[:, b0:b1], err[:, : b1 - b0])
+        if use_outliers:
+            out.outlier, out.outlier_val = outlier[:, b0:b1], outlier_val[:, b0:b1]
+        if replay is not None and b1 - b0 == size:
+            stored += replay(w[:, b0:b1], d[b0:b1], u[b0:b1, b0:b1], threshold, out)
+        else:
+            begun, stats = _quantize_columns(w[:, b0:], d[b0:], u[b0:b1, b0:b1], threshold, out, cfg=cfg, gs=gs,
+                                           holds_zero=holds_zero, first=b0, stats=stats)
+            stored += [g.stored for g in begun]
+        w[:, b1:].addmm_(out.err, u[b0:b1, b1:], alpha=-1)
+    return make_record(cfg, n, k, gs, codes, stored, perm, outlier, outlier_val)
 
 
 # --------------------------------------------------------------------------------------------------------------
