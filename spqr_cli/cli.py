@@ -392,6 +392,11 @@ def quantize(
     tune_lr: Annotated[float | None, typer.Option(
         "--tune-lr", help="The fine-tune's learning rate, relative to each tensor's magnitude (default 3e-3).",
         show_default=False)] = None,
+    clip_grid: Annotated[int | None, typer.Option(
+        "--clip-grid", help="Fit each group's range by trying this many shrunken min/max ranges per row (down to "
+        "~20%) and keeping the one with the smallest error (GPTQ's search); 0: plain min/max ranges. Default: the "
+        "preset's (spqr-3.9bit: 100, the others: 0).",
+        show_default=False)] = None,
     calib: Annotated[Path | None, typer.Option(
         "--calib", help="Calibration file from `spqr calibrate` (must match this model's tokenizer).",
         show_default=False)] = None,
@@ -438,20 +443,13 @@ def quantize(
             raise SpQRError(f"calibration file {str(calib)!r} not found; make one with `spqr calibrate`")
         if out.exists() and not out.is_dir() or any(p.is_file() for p in out.absolute().parents):
             raise SpQRError(f"--out {out} is a file or lies below one; choose a directory path")
-        if ranks > 1 and "RANK" not in os.environ:  # the ranks run this same command (without --ranks)
-            from spqr_cli.quant.ranks import spawn
-
-            code = spawn(ranks, ["quantize", *_command_args(ctx, leave_out={"ranks"})], device.value)
-            if code:
-                raise typer.Exit(code)
-            return
         lead = os.environ.get("RANK", "0") == "0"  # only rank 0 of several prints
         from spqr_cli.core.config import build_config
 
         cfg = build_config(preset, method.value if method else None, wbits=wbits, groupsize=groupsize, beta2=beta2,
                            stat_bits=stat_bits, outlier_threshold=outlier_threshold,
                            target_bits=target_bits, perm=perm.value if perm else None, percdamp=percdamp,
-                           blocksize=blocksize, tune_steps=tune_steps, tune_lr=tune_lr)
+                           blocksize=blocksize, tune_steps=tune_steps, tune_lr=tune_lr, clip_grid=clip_grid)
         if pack_out is not None:  # before hours of quantization, not after
             _check_pack_target(pack_out, out, model, cfg.to_dict())
         write_dense = dense if dense is not None else _dense_default(out, restart, pack_out is None)
@@ -460,6 +458,15 @@ def quantize(
 
         check_weight_files(model)  # a packed or pickle-only directory: say so before building the calibration set
         settle_hub_mode(model)
+        if ranks > 1 and "RANK" not in os.environ:  # the ranks run this same command (without --ranks)
+            from spqr_cli.quant.ranks import spawn
+
+            if cfg.tune_steps:
+                raise SpQRError("the block fine-tune (--tune-steps) runs in one process; drop --ranks or the fine-tune")
+            code = spawn(ranks, ["quantize", *_command_args(ctx, leave_out={"ranks"})], device.value)
+            if code:
+                raise typer.Exit(code)
+            return
         from spqr_cli.core.calibrate import build_calibration_set, load_calibration
         from spqr_cli.core.evaluate import default_seqlen
         from spqr_cli.core.models import load_config, load_tokenizer

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from spqr_cli.core.config import QuantConfig
-from spqr_cli.core.errors import SpQRError
+from spqr_cli.core.errors import ConfigError, SpQRError
 from spqr_cli.quant.hessian import HessianAccumulator
 from spqr_cli.quant.methods import quantize_layer
 from spqr_cli.quant.record import QuantizedLayer
@@ -302,3 +302,31 @@ def test_graph_replay_equals_eager_on_gpu(cfg, monkeypatch):
         for name in ta:
             assert torch.equal(ta[name], tb[name]), (seed, name)
     assert len(column_graphs._CACHE) == (0 if cfg.groupsize == 48 else 1)
+
+
+def test_clipped_range_never_loses_to_min_max():
+    """--clip-grid: per row, the range kept quantizes that row with no larger Σ|w - q|^2.4 than the min/max range
+    (which is the first candidate), lies inside it, and the layer it fits decodes as the record says."""
+    from spqr_cli.quant.grid import CLIP_NORM, clipped_range, minmax_params, quantize_codes
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(64, 32, generator=g) * torch.exp(torch.randn(64, 1, generator=g))
+    w[::7, 3] *= 10  # rows with an extreme weight: clipping pays there
+    xmin, xmax = w.amin(1), w.amax(1)
+
+    def err(lo, hi):
+        s, z = minmax_params(lo, hi, 7, sym=False, round_zero=False)
+        s, z = s[:, None], z[:, None]
+        return (s * (quantize_codes(w, s, z, 7) - z) - w).abs().pow(CLIP_NORM).sum(1)
+
+    lo, hi = clipped_range(w, xmin, xmax, 7, 50, sym=False, round_zero=False)
+    assert (err(lo, hi) <= err(xmin, xmax)).all()
+    assert (err(lo, hi) < err(xmin, xmax)).sum() > 8  # at least the rows with an extreme weight
+    assert (lo >= xmin).all() and (hi <= xmax).all()
+    layer_w, h, _ = make_layer()
+    for cfg in (SPQR3.replace(clip_grid=20), gptq(4, clip_grid=20)):
+        r = quantize_layer(layer_w, h, cfg)
+        assert torch.equal(r.dequantize(), decode_plainly(r))
+    assert "clip_grid" not in SPQR3.to_dict() and SPQR3.replace(clip_grid=20).to_dict()["clip_grid"] == 20
+    with pytest.raises(ConfigError, match="--clip-grid -1 must be >= 0"):
+        SPQR3.replace(clip_grid=-1)

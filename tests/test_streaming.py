@@ -438,3 +438,21 @@ def test_ranks_flag_spawns_gloo_processes(tmp_path: Path) -> None:
                           "--ranks", "2", "--device", "cuda"], cwd=REPO, capture_output=True, text=True,
                          env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
     assert bad.returncode == 2 and "no CUDA GPU is visible" in bad.stderr and not (tmp_path / "x").exists()
+    bad = spqr("--out", str(tmp_path / "y"), "--ranks", "2", "--wbits", "9")  # refused before any rank starts
+    assert bad.returncode == 2 and bad.stderr.count("error:") == 1 and "--wbits 9" in bad.stderr, bad.stderr
+    assert "ChildFailedError" not in bad.stderr and not (tmp_path / "y").exists()
+
+
+def test_changed_config_error_names_the_fields_and_how_to_resume(tmp_path: Path) -> None:
+    """A run saved before a preset changed (here: without clip_grid) is refused with the fields that differ and
+    the flags that resume it; a run with the same values resumes."""
+    old = load_preset("spqr-3.9bit").replace(clip_grid=0).to_dict()
+    assert "clip_grid" not in old
+    state = {"format": driver.FORMAT, "model": "m", "config": load_preset("spqr-3.9bit").to_dict(), "calibration": {},
+             "dense": True}
+    (tmp_path / "records").mkdir()
+    (tmp_path / "quant_config.json").write_text(json.dumps({**state, "config": old, "completed_blocks": 1}))
+    with pytest.raises(SpQRError, match=r"different config \(clip_grid 0 there, 100 here; to resume it, give its "
+                                        r"values: --clip-grid 0\)"):
+        driver._prepare_out_dir(tmp_path, state, restart=False)
+    assert driver._prepare_out_dir(tmp_path, {**state, "config": old}, restart=False) == 1

@@ -126,7 +126,7 @@ def test_cli_target_bits_measured_by_inspect(tmp_path, demo_model_path):
 
 def test_model_bits_match_packed_layers():
     """``QuantConfig.model_bits`` (what ``spqr presets`` shows) equals the bytes of real packed layers of the shapes."""
-    cfg = QuantConfig()  # spqr-3.9bit's values
+    cfg = QuantConfig()  # spqr-3.9bit's sizes
     h, i = 64, 160
     shapes = [(h, h)] * 4 + [(i, h)] * 2 + [(h, i)]
     layers = [random_packed(n, k, outlier_fraction=0.0, seed=j) for j, (n, k) in enumerate(shapes)]

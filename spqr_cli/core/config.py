@@ -44,6 +44,8 @@ class QuantConfig:
     in that many bits per weight, measured from its packed bytes (``spqr_kernels.layout.packed_nbytes``).
     ``tune_steps`` (0: off) Adam steps of the block fine-tune after each block is quantized (``quant.tune``), at
     relative learning rate ``tune_lr``.
+    ``clip_grid`` (0: off) shrunken ranges tried per row when a group's statistics are fitted
+    (``quant.grid.clipped_range``); 0 keeps the paper's min/max ranges.
     """
 
     method: str = "spqr"
@@ -59,6 +61,7 @@ class QuantConfig:
     target_bits: float | None = None
     tune_steps: int = 0
     tune_lr: float = 3e-3
+    clip_grid: int = 0
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
@@ -93,6 +96,8 @@ class QuantConfig:
                 raise ConfigError(f"--target-bits chooses how many outliers each layer keeps; method {self.method!r} "
                                   "has none (use --method spqr, or set --wbits/--groupsize for the size you want)")
 
+        if self.clip_grid < 0:
+            raise ConfigError(f"--clip-grid {self.clip_grid} must be >= 0 (0: plain min/max ranges)")
         if self.tune_steps < 0:
             raise ConfigError(f"--tune-steps {self.tune_steps} must be >= 0 (0 turns the block fine-tune off)")
         if not (math.isfinite(self.tune_lr) and self.tune_lr > 0):
@@ -161,6 +166,8 @@ class QuantConfig:
         if not d["tune_steps"]:  # off: absent, as in configs saved before the fine-tune existed
             d.pop("tune_steps")
             d.pop("tune_lr")
+        if not d["clip_grid"]:  # off: absent, as in configs saved before the range search existed
+            d.pop("clip_grid")
         return d
 
     @classmethod

@@ -17,6 +17,7 @@ the results are bit-identical without storing activations on disk.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import json
@@ -197,10 +198,8 @@ def _prepare_out_dir(out_dir: Path, state: dict[str, Any], restart: bool) -> int
         else:
             for key in ("model", "config", "calibration"):
                 if old.get(key) != state[key]:
-                    raise SpQRError(
-                        f"{out_dir} holds a run with a different {key}; pass --restart to discard it "
-                        "or choose a new --out directory"
-                    )
+                    raise SpQRError(f"{out_dir} holds a run with a different {key}{_config_change(old, state, key)}; "
+                                    "pass --restart to discard it or choose a new --out directory")
             if old.get("dense", True) != state["dense"]:
                 was, now = ("with", "without") if old.get("dense", True) else ("without", "with")
                 raise SpQRError(f"{out_dir} holds a run {was} a dense copy and this one is {now}; resume it with "
@@ -210,6 +209,23 @@ def _prepare_out_dir(out_dir: Path, state: dict[str, Any], restart: bool) -> int
     (out_dir / "records").mkdir(parents=True, exist_ok=True)
     write_json({**state, "completed_blocks": 0, "complete": False}, state_path)
     return 0
+
+
+def _config_change(old: dict[str, Any], new: dict[str, Any], key: str) -> str:
+    """For a changed config: which fields differ and the flags that resume the saved run with its own values."""
+    if key != "config":
+        return ""
+    try:  # fields a saved config leaves out take their defaults (that is what the run used)
+        was, now = QuantConfig.from_dict(old[key]), QuantConfig.from_dict(new[key])
+    except Exception:  # a damaged or foreign saved config: the plain message
+        return ""
+    fields = [f.name for f in dataclasses.fields(QuantConfig)
+              if f.name != "extra" and getattr(was, f.name) != getattr(now, f.name)]
+    if not fields:
+        return ""
+    changes = ", ".join(f"{f} {getattr(was, f)} there, {getattr(now, f)} here" for f in fields)
+    flags = " ".join(f"--{f.replace('_', '-')} {getattr(was, f)}" for f in fields if getattr(was, f) is not None)
+    return f" ({changes}; to resume it, give its values: {flags})" if flags else f" ({changes})"
 
 
 class _StopForward(Exception):

@@ -50,6 +50,33 @@ def decode_codes(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -
     return (scale * (codes - zero)).to(torch.float16).float()
 
 
+CLIP_MAX_SHRINK = 0.8  # the narrowest range tried is 20% of the min/max range (GPTQ's search)
+CLIP_NORM = 2.4  # the error the search minimizes: sum |w - q|^2.4 per row (GPTQ's)
+CLIP_CHUNK_ELEMENTS = 2**24  # candidates evaluated at once: at most this many [candidates, rows, group] elements
+
+
+def clipped_range(w: torch.Tensor, xmin: torch.Tensor, xmax: torch.Tensor, maxq: int, grid: int, *, sym: bool,
+                  round_zero: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row of ``w`` ``[N, gs]``, the range ``p * [xmin, xmax]`` (``p = 1 - CLIP_MAX_SHRINK * i / grid``, ``i <
+    grid``) whose grid quantizes the row with the smallest ``Σ |w - q|^CLIP_NORM``: clipping the extremes buys a
+    finer step for the rest. The error is scored with the unrounded scale and zero (bilevel statistics are rounded
+    after the choice, so a row can end slightly worse than with min/max; the layer's error falls). Candidates are
+    evaluated in chunks of at most ~16M elements."""
+    best_err = torch.full_like(xmin, torch.inf)
+    best_p = torch.ones_like(xmin)
+    chunk = max(1, CLIP_CHUNK_ELEMENTS // max(1, w.numel()))
+    for i0 in range(0, grid, chunk):
+        p = 1 - torch.arange(i0, min(grid, i0 + chunk), device=w.device, dtype=torch.float32) * (CLIP_MAX_SHRINK / grid)
+        s, z = minmax_params(p[:, None] * xmin, p[:, None] * xmax, maxq, sym=sym, round_zero=round_zero)  # [c, N]
+        s, z = s[..., None], z[..., None]
+        err = (s * (quantize_codes(w, s, z, maxq) - z) - w).abs().pow(CLIP_NORM).sum(-1)  # [c, N]
+        err, idx = err.min(0)  # the first (widest) on ties
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_p = torch.where(better, p[idx], best_p)
+    return best_p * xmin, best_p * xmax
+
+
 def quantize_stat(v: torch.Tensor, beta2: int, bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Second level: quantize the statistic ``v`` ``[N]`` to ``bits`` in groups of ``beta2`` rows.
 
@@ -90,6 +117,8 @@ class GroupStats:
         xmin, xmax = w.amin(dim=1), w.amax(dim=1)
         if holds_zero:
             xmin, xmax = xmin.clamp(max=0), xmax.clamp(min=0)
+        if cfg.clip_grid:
+            xmin, xmax = clipped_range(w, xmin, xmax, maxq, cfg.clip_grid, sym=cfg.sym, round_zero=holds_zero)
         scale, zero = minmax_params(xmin, xmax, maxq, sym=cfg.sym, round_zero=holds_zero)
         self.maxq = maxq
         if cfg.stat_bits == 16:

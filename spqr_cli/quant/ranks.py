@@ -77,7 +77,9 @@ def init_from_env(device: str) -> str:
 def spawn(nproc: int, args: list[str], device: str) -> int:
     """Run ``spqr <args>`` as ``nproc`` ranks on this host (``torch.distributed.run``, standalone rendezvous) and
     return their exit code: one rank per GPU when ``device`` is cuda (or auto with GPUs), else CPU processes over
-    gloo, each given an equal share of the cores."""
+    gloo; each gets an equal share of the cores. SIGINT and SIGTERM sent to this process are passed on to the
+    launcher, which stops the ranks, and waited for: no rank outlives the command."""
+    import signal
     import subprocess
     import sys
 
@@ -88,11 +90,17 @@ def spawn(nproc: int, args: list[str], device: str) -> int:
     if gpus and nproc > gpus:
         raise SpQRError(f"--ranks {nproc} needs {nproc} GPUs, {gpus} visible; use --ranks {gpus} or fewer")
     env = dict(os.environ)
-    if not gpus:
-        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
            "-m", "spqr_cli", *args]
-    return subprocess.call(cmd, env=env)
+    launcher = subprocess.Popen(cmd, env=env)
+    caught = (signal.SIGINT, signal.SIGTERM)
+    previous = {s: signal.signal(s, lambda signum, _frame: launcher.send_signal(signum)) for s in caught}
+    try:
+        return launcher.wait()
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 def window_share(nsamples: int, forward_batch: int, ranks: Ranks) -> slice:

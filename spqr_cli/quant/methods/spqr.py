@@ -10,8 +10,9 @@ For one linear layer ``W`` (``N = out_features`` rows, ``K = in_features`` colum
    ``W[:, i+1:] -= (e / U[i, i]) ⊗ U[i, i+1:]`` (the OBS update in GPTQ's form), applied inside blocks of
    ``blocksize`` columns and to the columns after a block with one matmul.
 5. At the start of every group of ``β1`` columns the group's *current* (error-updated) weights get per-row min/max
-   statistics (scale, zero) at ``wbits``.  SpQR quantizes these statistics again, to ``stat_bits`` in groups of
-   ``β2`` rows, with an fp16 (scale, zero) pair per row group; GPTQ and RTN keep them in fp16.
+   statistics (scale, zero) at ``wbits`` (with ``cfg.clip_grid``, the range is the shrunken min/max range that
+   quantizes the row best: ``grid.clipped_range``). SpQR quantizes these statistics again, to ``stat_bits`` in
+   groups of ``β2`` rows, with an fp16 (scale, zero) pair per row group; GPTQ and RTN keep them in fp16.
 6. SpQR outliers, with ``threshold = τ · mean_j(var(W[:, j]) / U[j, j]²)``:
    - before fitting a group's statistics, every weight whose removal from its row's group lowers the row's
      Hessian-weighted error ``Σ_j ((w_j - q(w_j)) / U[j, j])²`` by more than ``threshold`` (leave-one-out) is
