@@ -330,3 +330,31 @@ def test_clipped_range_never_loses_to_min_max():
     assert "clip_grid" not in SPQR3.to_dict() and SPQR3.replace(clip_grid=20).to_dict()["clip_grid"] == 20
     with pytest.raises(ConfigError, match="--clip-grid -1 must be >= 0"):
         SPQR3.replace(clip_grid=-1)
+
+
+@pytest.mark.gpu
+def test_failed_capture_falls_back_to_the_eager_loop(monkeypatch):
+    """If this torch cannot capture the block step as a CUDA graph, quantization warns once and runs it eagerly:
+    the same record as the eager loop, with the range search on (the spqr-3.9bit preset's)."""
+    import contextlib
+
+    from spqr_cli.quant import column_graphs
+    from spqr_cli.quant.methods.spqr import quantize_obs
+
+    @contextlib.contextmanager
+    def no_capture(*_a, **_k):
+        raise RuntimeError("operation not permitted when stream is capturing\nmore")
+        yield
+
+    column_graphs.clear()
+    cfg = SPQR3.replace(clip_grid=100)
+    w, h, _ = make_layer(n=100, k=480)
+    w, h = w.cuda(), h.cuda()
+    reference = quantize_obs(w, h, cfg, graphs=True, outliers=True, holds_zero=False).to_tensors()  # captured
+    column_graphs.clear()
+    monkeypatch.setattr(torch.cuda, "graph", no_capture)
+    with pytest.warns(UserWarning, match="could not be captured as a CUDA graph .operation not permitted"):
+        fallback = quantize_obs(w, h, cfg, graphs=True, outliers=True, holds_zero=False).to_tensors()
+    eager = quantize_obs(w, h, cfg, graphs=False, outliers=True, holds_zero=False).to_tensors()
+    for name in eager:
+        assert torch.equal(fallback[name], eager[name]) and torch.equal(reference[name], eager[name]), name

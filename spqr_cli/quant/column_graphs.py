@@ -19,6 +19,7 @@ rewrites it in place. Nothing reads a block's columns after its step, so both se
 
 from __future__ import annotations
 
+import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, fields
@@ -71,6 +72,7 @@ class ReplayedStep:
         self.threshold = torch.empty((), dtype=torch.float32, device=device)
         self.out = BlockOutputs.empty(n, size, device, outliers)
         self.graph: torch.cuda.CUDAGraph | None = None
+        self.eager = False  # the capture failed: the step runs eagerly on the static buffers
         self.groups: list[dict[str, torch.Tensor]] = []
 
     def __call__(self, w: torch.Tensor, d: torch.Tensor, u: torch.Tensor, threshold: float,
@@ -81,7 +83,10 @@ class ReplayedStep:
         self.d.copy_(d)
         self.u.copy_(u)
         self.threshold.fill_(threshold)
-        if self.graph is None:
+        if self.eager:
+            with torch.cuda.device(self.w.device):
+                groups = self.step(self.w, self.d, self.u, self.threshold, self.out)
+        elif self.graph is None:
             with torch.cuda.device(self.w.device):
                 groups = self._first_call()
         else:
@@ -99,8 +104,15 @@ class ReplayedStep:
             groups = self.step(self.w, self.d, self.u, self.threshold, self.out)
         torch.cuda.current_stream(self.w.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            self.groups = self.step(self.w, self.d, self.u, self.threshold, self.out)
+        try:
+            with torch.cuda.graph(graph):
+                self.groups = self.step(self.w, self.d, self.u, self.threshold, self.out)
+        except RuntimeError as e:  # an op this torch build cannot capture: same kernels, run eagerly
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            warnings.warn(f"the column loop could not be captured as a CUDA graph ({reason}); it runs eagerly "
+                          "(slower, same records)", stacklevel=3)
+            self.eager = True
+            return groups
         self.graph = graph
         return groups
 
