@@ -459,10 +459,10 @@ def quantize(
         check_weight_files(model)  # a packed or pickle-only directory: say so before building the calibration set
         settle_hub_mode(model)
         if ranks > 1 and "RANK" not in os.environ:  # the ranks run this same command (without --ranks)
+            from spqr_cli.quant.driver import check_ranks
             from spqr_cli.quant.ranks import spawn
 
-            if cfg.tune_steps:
-                raise SpQRError("the block fine-tune (--tune-steps) runs in one process; drop --ranks or the fine-tune")
+            check_ranks(cfg, ranks)
             code = spawn(ranks, ["quantize", *_command_args(ctx, leave_out={"ranks"})], device.value)
             if code:
                 raise typer.Exit(code)

@@ -33,7 +33,7 @@ def config_line(cfg: Any) -> str:
                      else f"target_bits={cfg.target_bits:g} (tau per layer)")
     if method.permutes:
         parts.append(f"perm={cfg.perm}")
-    if getattr(cfg, "clip_grid", 0):
+    if cfg.clip_grid:
         parts.append(f"clip_grid={cfg.clip_grid}")
     return ", ".join(parts)
 

@@ -211,6 +211,14 @@ def _prepare_out_dir(out_dir: Path, state: dict[str, Any], restart: bool) -> int
     return 0
 
 
+def check_ranks(cfg: QuantConfig, world: int) -> None:
+    """Refuse what cannot run in ``world`` processes: the block fine-tune runs in one (checked by ``--ranks``
+    before it spawns them, and by every rank a launcher started)."""
+    if cfg.tune_steps and world > 1:
+        raise SpQRError(f"the block fine-tune (--tune-steps) runs in one process, not {world}; drop the fine-tune, "
+                        "or --ranks / the launcher")
+
+
 def _config_change(old: dict[str, Any], new: dict[str, Any], key: str) -> str:
     """For a changed config: which fields differ and the flags that resume the saved run with its own values."""
     if key != "config":
@@ -422,9 +430,7 @@ def quantize_model(
     out = Path(out_dir)
     device = init_from_env(device)
     ranks = current_ranks()
-    if cfg.tune_steps and ranks.distributed:
-        raise SpQRError(f"the block fine-tune (--tune-steps) runs in one process, not {ranks.world}; drop the flag or "
-                        "run without a launcher")
+    check_ranks(cfg, ranks.world)
     dev = resolve_device(device)
     compute_dtype = torch.float16 if dev.type == "cuda" else torch.float32
     if calib_ids.dim() != 2 or calib_ids.dtype not in (torch.int64, torch.int32):

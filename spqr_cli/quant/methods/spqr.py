@@ -130,8 +130,8 @@ def prepare_obs(weight: torch.Tensor, hessian: torch.Tensor,
 
 
 def _quantize_columns(w: torch.Tensor, d: torch.Tensor, u: torch.Tensor, threshold: torch.Tensor | float,
-                    out: BlockOutputs, *, cfg: QuantConfig, gs: int, holds_zero: bool, first: int = 0,
-                    stats: GroupStats | None = None) -> tuple[list[GroupStats], GroupStats | None]:
+                      out: BlockOutputs, *, cfg: QuantConfig, gs: int, holds_zero: bool, first: int = 0,
+                      stats: GroupStats | None = None) -> tuple[list[GroupStats], GroupStats | None]:
     """Steps 5-6 for one block of ``B = len(u)`` columns: quantize ``w[:, :B]`` in place (each column becomes its
     decoded value; the later columns of the block take its error update) and write ``out``.
 
@@ -222,7 +222,7 @@ def quantize_obs(weight: torch.Tensor, hessian: torch.Tensor, cfg: QuantConfig, 
             stored += replay(w[:, b0:b1], d[b0:b1], u[b0:b1, b0:b1], threshold, out)
         else:
             begun, stats = _quantize_columns(w[:, b0:], d[b0:], u[b0:b1, b0:b1], threshold, out, cfg=cfg, gs=gs,
-                                           holds_zero=holds_zero, first=b0, stats=stats)
+                                             holds_zero=holds_zero, first=b0, stats=stats)
             stored += [g.stored for g in begun]
         w[:, b1:].addmm_(out.err, u[b0:b1, b1:], alpha=-1)
     return make_record(cfg, n, k, gs, codes, stored, perm, outlier, outlier_val)
