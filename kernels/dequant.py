@@ -9,6 +9,9 @@ registers, with no shuffle through shared memory.
 ``cpw`` is 10 for 3-bit codes, which is not a power of two; a kernel therefore decodes a word in two parts,
 slots ``[0, CP1)`` and ``[CP1, cpw)`` with ``CP1`` the largest power of two <= ``cpw`` (8 + 2 for 3-bit codes),
 so no lane computes a code that does not exist.
+
+Kernels that work on output tiles instead (the many-token ``dequantize.py``) use ``run_words`` / ``run_stats`` /
+``decode_tile``: each thread decodes runs of 8 consecutive output rows, loading the few words a run touches.
 """
 
 from __future__ import annotations
@@ -66,6 +69,71 @@ def mantissa_codes(words, one, C0: tl.constexpr, CP: tl.constexpr, BITS: tl.cons
     moved = tl.where(d >= 0, w << tl.maximum(d, 0).to(tl.uint32), w >> tl.maximum(-d, 0).to(tl.uint32))
     mask = (((1 << BITS) - 1) << top).to(tl.uint32)
     return ((moved & mask) | one.to(tl.uint32, bitcast=True)).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def run_words(ptr, n0, ok, W, CP: tl.constexpr):
+    """int32 ``[..., R, 8]``: for output rows ``n0 + i`` (``n0``: ``[..., R, 1]``, multiples of 8), the word of
+    ``ptr[0 .. W)`` holding row ``n`` (``CP`` rows per word, packed along N).
+
+    Kernels that work on output tiles (many tokens) give each thread runs of 8 consecutive output rows, so that its
+    stores are 16-byte vectors whatever ``CP`` is (where Triton can prove the alignment: ``N`` divisible by 16). A
+    run spans at most ``NW`` words (2 for 3-bit codes): the thread loads those and each row picks its own, instead
+    of one load per row, which kept the L1 busy. ``ok`` masks per run (``[..., R, 1]``).
+    """
+    G8: tl.constexpr = 8 if CP % 8 == 0 else (4 if CP % 4 == 0 else (2 if CP % 2 == 0 else 1))  # gcd(8, CP)
+    NW: tl.constexpr = (CP - G8 + 7) // CP + 1  # words a run of 8 rows starting at a multiple of 8 can touch
+    w0 = n0 // CP
+    rel = (n0 + tl.arange(0, 8)) // CP - w0
+    word = tl.where(rel == 0, tl.load(ptr + w0, mask=ok, other=0), 0)
+    for v in tl.static_range(1, NW):
+        word = tl.where(rel == v, tl.load(ptr + w0 + v, mask=ok & (w0 + v < W), other=0), word)
+    return word
+
+
+@triton.jit
+def code_float(word, n, BITS: tl.constexpr, CP: tl.constexpr):
+    """fp32 value of row ``n``'s ``BITS``-bit code in ``word``: or-ed under the exponent of ``2^23``, minus
+    ``2^23`` (exact, no int->float conversion)."""
+    q = (word >> ((n % CP) * BITS)) & ((1 << BITS) - 1)
+    return (q | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+
+
+@triton.jit
+def run_stats(g, n0, ok, N, G, WS, NB, sc_ptr, zr_ptr, qs_ptr, qz_ptr, ss_ptr, zs_ptr, STAT_BITS: tl.constexpr,
+              BETA2: tl.constexpr):
+    """fp32 ``(scale, zero * scale)`` ``[..., R, 8]`` of groups ``g`` for output rows ``n0 + i`` (``run_words``'
+    runs; ``ok`` per run), as ``group_stats`` decodes them: one load per stat word, and per second-level pair when
+    ``BETA2`` is a multiple of 8 (else per row)."""
+    n = n0 + tl.arange(0, 8)
+    if STAT_BITS == 16:
+        s = tl.load(sc_ptr + g * N + n, mask=ok & (n < N), other=0.0).to(tl.float32)
+        z = tl.load(zr_ptr + g * N + n, mask=ok & (n < N), other=0.0).to(tl.float32)
+    else:
+        CPS: tl.constexpr = 32 // STAT_BITS
+        sc = code_float(run_words(qs_ptr + g * WS, n0, ok, WS, CPS), n, STAT_BITS, CPS)
+        zc = code_float(run_words(qz_ptr + g * WS, n0, ok, WS, CPS), n, STAT_BITS, CPS)
+        if BETA2 % 8 == 0:
+            st = g * NB + n0 // BETA2  # one second-level block per run
+            st_ok = ok
+        else:
+            st = g * NB + n // BETA2
+            st_ok = ok & (n < N)  # rows past N of the last run would address blocks past NB
+        plane = G * NB  # [2, G, NB]: plane 0 holds the second-level scales, plane 1 the zeros
+        s = tl.load(ss_ptr + st, mask=st_ok, other=0.0).to(tl.float32) * (
+            sc - tl.load(ss_ptr + plane + st, mask=st_ok, other=0.0).to(tl.float32))
+        z = tl.load(zs_ptr + st, mask=st_ok, other=0.0).to(tl.float32) * (
+            zc - tl.load(zs_ptr + plane + st, mask=st_ok, other=0.0).to(tl.float32))
+    return s, z * s
+
+
+@triton.jit
+def decode_tile(qw_ptr, j, n0, ok, s, zs, W, WBITS: tl.constexpr, CPW: tl.constexpr):
+    """fp32 weights ``[..., R, 8]`` of permuted columns ``j`` (``[..., 1, 1]``) and output rows ``n0 + i``
+    (``run_words``' runs; ``ok`` per run), given their group's ``s`` and ``z s`` (``run_stats``): ``s q - z s``.
+    Rows past ``N`` inside a run decode garbage that the caller does not store."""
+    n = n0 + tl.arange(0, 8)
+    return code_float(run_words(qw_ptr + j * W, n0, ok, W, CPW), n, WBITS, CPW) * s - zs
 
 
 def window_fits(bits: int) -> bool:

@@ -1,18 +1,19 @@
 """Dequantize a packed layer to a dense fp16 ``W^T`` (``[K, N]``, original input order) for many-token calls.
 
 From ``matvec.MAX_DECODE_TOKENS + 1`` (9) tokens on, ``ops.spqr_linear`` writes the dense weight once and hands the
-product to cuBLAS: it beat a fused tensor-core kernel we had (which re-decoded every tile per 16-token block) at
-every batch size we measured, and the extra traffic (~2.5 bytes per weight) is a fixed cost next to the matmul
-(figures: ``docs/benchmarks.md``, "Design measurements").
+product to cuBLAS: the decode is paid once per weight, not once per token tile, and it beat every fused
+tensor-core kernel we built (the latest, ``benchmarks/k5_run_gemm``: at most 0.28x of fp16 at 4-64 tokens, where this
+path gives 0.24-0.46x in the same run; ``docs/benchmarks.md`` section 14).
 
-The kernel has the decode kernel's structure (``dequant.py``): a program owns ``BW`` word columns (one per lane)
-and ``KW`` k-tiles (one per warp); each thread loads its ``GS_T`` words of one tile, decodes the tile's
-statistics once and writes ``w = s q - s z`` (``q`` from ``mantissa_codes``). Permuted column ``j`` is written
-to row ``perm[j]``, so the copy is in the activations' own order and ``x @ W^T`` needs no gather of ``x`` (a
-``[tokens, K]`` column gather, ``index_select``, cost a large share of the matmul itself on the LLaMA down
-projections at 2048 tokens). Each row is still one contiguous store, only its address moves. The
-outliers are then written into the dense copy at their own columns (``outlier_scatter.py``, a second launch: the
-dense values must be in place first).
+The kernel works on output tiles: a program decodes ``KT`` tiles of ``[BK, BN]`` (``BK`` permuted columns of one
+group, ``BN`` output rows) and stores tile row ``j`` at row ``perm[j]`` of ``W^T``, so the copy is in the
+activations' own order and ``x @ W^T`` needs no gather of ``x``. Each thread decodes runs of 8 consecutive output
+rows (``dequant.run_words``: the words a run touches, 2 for 3-bit codes, loaded once) and stores each run as one
+16-byte vector.
+The previous kernel (one thread per code word) stored a word's 10 rows as 20 bytes at 4-byte alignment, 5 stores
+per word; this one takes 0.58-0.81x of its time on LLaMA shapes (``docs/benchmarks.md`` section 14). The outliers
+are then written into the dense copy at their own columns (``outlier_scatter.py``, a second launch: the dense
+values must be in place first).
 
 Precision: the weight copy is fp16 (the stored decode rounded once, as ``unpack`` produces), the matmul is cuBLAS
 fp16 with its default accumulation, and bf16 activations are converted to fp16 (activations beyond fp16's range,
@@ -25,63 +26,33 @@ import torch
 import triton
 import triton.language as tl
 
-from .dequant import ONE_BITS, layout_args, mantissa_alpha, mantissa_codes, part_stats, stat_args
+from .dequant import decode_tile, layout_args, run_stats, stat_args, tile_k
 from .launch import Replay
 from .layout import PackedWeight
 from .outlier_scatter import write_outliers
 
 
 @triton.jit
-def _write_part(out_ptr, words, k, a, b, rows, ok, one, C0: tl.constexpr, CP: tl.constexpr, WBITS: tl.constexpr,
-                WINDOW: tl.constexpr, N):
-    """Store ``a (f - 1) - b`` (``= s q - s z``) of slots ``C0 ..`` of one row of words as fp16 ``W^T[k, rows]``
-    (``k``: the row's input feature).
-
-    ``f - 1 = q / alpha`` is exact, so this rounds like the reference's ``s (q - z)`` (no cancellation against
-    ``a f``, which would cost ~11 bits when ``q`` is close to ``z``).
-    """
-    w = a * (mantissa_codes(words, one, C0, CP, WBITS, WINDOW) - 1.0) - b
-    tl.store(out_ptr + k * N + rows, w.to(tl.float16), mask=ok)
-
-
-@triton.jit
 def _dequant_kernel(
     qw_ptr, perm_ptr, sc_ptr, zr_ptr, qs_ptr, qz_ptr, ss_ptr, zs_ptr, out_ptr,
-    N, K, WS, G, NB, num_tiles, one, W: tl.constexpr,
-    WBITS: tl.constexpr, CPW: tl.constexpr, CP1: tl.constexpr, CP2: tl.constexpr,
-    GS: tl.constexpr, GS_T: tl.constexpr, STAT_BITS: tl.constexpr, BETA2: tl.constexpr,
-    BW: tl.constexpr, KW: tl.constexpr, WINDOW: tl.constexpr, WORD_STATS: tl.constexpr, HAS_PERM: tl.constexpr,
+    N, K, W, WS, G, NB,
+    WBITS: tl.constexpr, CPW: tl.constexpr, GS: tl.constexpr, STAT_BITS: tl.constexpr, BETA2: tl.constexpr,
+    BK: tl.constexpr, BN: tl.constexpr, KT: tl.constexpr, HAS_PERM: tl.constexpr,
 ):
-    CPB: tl.constexpr = CP2 if CP2 > 0 else 1
-    offs_w = (tl.program_id(0) * BW + tl.arange(0, BW))[None, :, None]  # [1, BW, 1] word columns
-    col = tl.minimum(offs_w, W - 1)  # columns past W re-read the last one; their rows are >= N, never stored
-    t = tl.program_id(1) * KW + tl.arange(0, KW)[:, None, None] + col * 0  # [KW, BW, 1] k-tile of each warp
-    t_ok = t < num_tiles
-    n1 = col * CPW + tl.arange(0, CP1)[None, None, :]
-    n2 = col * CPW + CP1 + tl.arange(0, CPB)[None, None, :]
-    b0 = (col * CPW) // BETA2
-    g = (t * GS_T) // GS
-    s, zs = part_stats(g, t_ok, col, n1, (n1 // BETA2) > b0, one, N, G, WS, NB, sc_ptr, zr_ptr, qs_ptr, qz_ptr,
-                       ss_ptr, zs_ptr, CPW, 0, CP1, STAT_BITS, BETA2, WORD_STATS)
-    a1 = s * mantissa_alpha(0, CP1, WBITS, WINDOW)  # w = s (alpha (f - 1) - z)
-    b1 = zs
-    rows1 = offs_w * CPW + tl.arange(0, CP1)[None, None, :]
-    ok1 = (rows1 < N) & t_ok
-    rows2 = offs_w * CPW + CP1 + tl.arange(0, CPB)[None, None, :]
-    ok2 = (rows2 < N) & t_ok & (CP2 > 0)
-    if CP2 > 0:
-        s, zs = part_stats(g, t_ok, col, n2, (n2 // BETA2) > b0, one, N, G, WS, NB, sc_ptr, zr_ptr, qs_ptr,
-                           qz_ptr, ss_ptr, zs_ptr, CPW, CP1, CP2, STAT_BITS, BETA2, WORD_STATS)
-        a2 = s * mantissa_alpha(CP1, CPB, WBITS, WINDOW)
-        b2 = zs
-    for r in tl.static_range(GS_T):  # W is a constexpr: the rows of a tile are immediate offsets
-        k = t * GS_T + r  # permuted column: its input feature is perm[k]
+    n0 = tl.program_id(0) * BN + 8 * tl.arange(0, BN // 8)[None, :, None]  # [1, BN / 8, 1] runs of 8 rows
+    n = n0 + tl.arange(0, 8)[None, None, :]
+    n_ok = n < N
+    for i in tl.static_range(KT):
+        k0 = (tl.program_id(1) * KT + i) * BK  # BK divides the group size: one group per tile
+        j = k0 + tl.arange(0, BK)[:, None, None]
+        s, zs = run_stats(tl.minimum(k0 // GS, G - 1), n0, n0 < N, N, G, WS, NB, sc_ptr, zr_ptr, qs_ptr, qz_ptr,
+                          ss_ptr, zs_ptr, STAT_BITS, BETA2)
+        w = decode_tile(qw_ptr, j, n0, (j < K) & (n0 < N), s, zs, W, WBITS, CPW)
         if HAS_PERM:
-            k = tl.load(perm_ptr + k, mask=t_ok, other=0)
-        words = tl.load(qw_ptr + t * (GS_T * W) + r * W + col, mask=t_ok, other=0, eviction_policy="evict_first")
-        _write_part(out_ptr, words, k, a1, b1, rows1, ok1, one, 0, CP1, WBITS, WINDOW, N)
-        if CP2 > 0:
-            _write_part(out_ptr, words, k, a2, b2, rows2, ok2, one, CP1, CPB, WBITS, WINDOW, N)
+            row = tl.load(perm_ptr + j, mask=j < K, other=0)
+        else:
+            row = j
+        tl.store(out_ptr + row.to(tl.int64) * N + n, w.to(tl.float16), mask=(j < K) & n_ok)
 
 
 def dequantize_t(pw: PackedWeight) -> torch.Tensor:
@@ -97,14 +68,13 @@ def dequantize_t(pw: PackedWeight) -> torch.Tensor:
     if replay is not None and replay(out):
         return write_outliers(out, pw)
     sizes, meta = layout_args(pw)
-    words, gs_t = sizes[0], meta["GS_T"]
-    bw, kw = min(32, triton.next_power_of_2(words)), 4
-    num_tiles = triton.cdiv(k, gs_t)
+    bk, bn, kt = tile_k(pw.groupsize, 16), min(128, max(16, triton.next_power_of_2(n))), 2
     dummy = t["qweight"]
-    grid = (triton.cdiv(words, bw), triton.cdiv(num_tiles, kw))
-    args = (t["qweight"], t.get("perm", dummy), *stat_args(pw, dummy), out, n, k, *sizes[1:], num_tiles, ONE_BITS)
-    constexprs = dict(W=words, **meta, BW=bw, KW=kw, HAS_PERM="perm" in t)
-    kernel = _dequant_kernel[grid](*args, **constexprs, num_warps=kw)
+    grid = (triton.cdiv(n, bn), triton.cdiv(k, bk * kt))
+    args = (t["qweight"], t.get("perm", dummy), *stat_args(pw, dummy), out, n, k, *sizes)
+    constexprs = dict(WBITS=pw.wbits, CPW=meta["CPW"], GS=pw.groupsize, STAT_BITS=pw.stat_bits,
+                      BETA2=meta["BETA2"], BK=bk, BN=bn, KT=kt, HAS_PERM="perm" in t)
+    kernel = _dequant_kernel[grid](*args, **constexprs, num_warps=4)
     if out.is_cuda and (replay := Replay.of(_dequant_kernel, kernel, grid, args, constexprs, (8,), out.get_device())):
         pw.launches["dequantize"] = replay
     return write_outliers(out, pw)

@@ -135,6 +135,15 @@ def test_dequantize_kernel(case):
 
 
 @needs_triton
+@pytest.mark.parametrize("n, beta2", [(45, 5), (33, 3), (41, 12)])
+def test_dequantize_kernel_second_level_blocks_off_the_runs(n, beta2):
+    """Second-level blocks that do not line up with the kernel's runs of 8 rows (and rows past N in the last run:
+    their blocks would lie past the statistics' end, so the loads are masked per row)."""
+    pw = random_packed(n, 64, beta2=beta2, seed=n)
+    assert torch.allclose(dequantize.dequantize_t(pw).float().t(), reference.dequantize(pw), rtol=2**-10, atol=1e-6)
+
+
+@needs_triton
 @pytest.mark.parametrize("case", DECODE_CASES[:4])
 def test_outlier_scatter_kernel(case):
     """The one-launch outlier write equals torch indexing (identity and act-order perms, empty and full rows)."""
