@@ -740,7 +740,7 @@ def _quantize_block(block: nn.Module, prefix: str, adapter: FamilyAdapter, inps:
         for name, lin in layers.items():  # every layer's record on every rank, in order
             rec, seconds = made.pop(name, (None, 0.0))
             if ranks.distributed:
-                rec, seconds = share_record(rec, seconds, owners[name])
+                rec, seconds = share_record(rec, seconds, owners[name], dev)
             assert rec is not None
             w = lin.weight.data
             q = rec.dequantize().to(dev)
