@@ -397,6 +397,10 @@ def quantize(
         "~20%) and keeping the one with the smallest error (GPTQ's search); 0: plain min/max ranges. Default: the "
         "preset's (spqr-3.9bit: 100, the others: 0).",
         show_default=False)] = None,
+    asym_calib: Annotated[bool | None, typer.Option(
+        "--asym-calib/--no-asym-calib", help="GPTAQ's asymmetric calibration: fit each layer to the fp16 model's "
+        "output on the fp16 model's own inputs (costs a second activation stream and a copy of the block; one "
+        "process only). Default: off.", show_default=False)] = None,
     calib: Annotated[Path | None, typer.Option(
         "--calib", help="Calibration file from `spqr calibrate` (must match this model's tokenizer).",
         show_default=False)] = None,
@@ -449,7 +453,8 @@ def quantize(
         cfg = build_config(preset, method.value if method else None, wbits=wbits, groupsize=groupsize, beta2=beta2,
                            stat_bits=stat_bits, outlier_threshold=outlier_threshold,
                            target_bits=target_bits, perm=perm.value if perm else None, percdamp=percdamp,
-                           blocksize=blocksize, tune_steps=tune_steps, tune_lr=tune_lr, clip_grid=clip_grid)
+                           blocksize=blocksize, tune_steps=tune_steps, tune_lr=tune_lr, clip_grid=clip_grid,
+                           asym_calib=asym_calib)
         if pack_out is not None:  # before hours of quantization, not after
             _check_pack_target(pack_out, out, model, cfg.to_dict())
         write_dense = dense if dense is not None else _dense_default(out, restart, pack_out is None)

@@ -35,6 +35,8 @@ def config_line(cfg: Any) -> str:
         parts.append(f"perm={cfg.perm}")
     if cfg.clip_grid:
         parts.append(f"clip_grid={cfg.clip_grid}")
+    if cfg.asym_calib:
+        parts.append("asym_calib")
     return ", ".join(parts)
 
 

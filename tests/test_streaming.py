@@ -441,8 +441,9 @@ def test_ranks_flag_spawns_gloo_processes(tmp_path: Path) -> None:
     bad = spqr("--out", str(tmp_path / "y"), "--ranks", "2", "--wbits", "9")  # refused before any rank starts
     assert bad.returncode == 2 and bad.stderr.count("error:") == 1 and "--wbits 9" in bad.stderr, bad.stderr
     assert "ChildFailedError" not in bad.stderr and not (tmp_path / "y").exists()
-    bad = spqr("--out", str(tmp_path / "z"), "--ranks", "2", "--tune-steps", "5")  # the fine-tune runs in one
-    assert bad.returncode == 2 and bad.stderr.count("error:") == 1 and "runs in one process, not 2" in bad.stderr
+    for flag in (("--tune-steps", "5"), ("--asym-calib",)):  # the fine-tune and asymmetric calibration run in one
+        bad = spqr("--out", str(tmp_path / "z"), "--ranks", "2", *flag)
+        assert bad.returncode == 2 and bad.stderr.count("error:") == 1 and "runs in one process, not 2" in bad.stderr
     assert not (tmp_path / "z").exists()
 
 

@@ -46,6 +46,9 @@ class QuantConfig:
     relative learning rate ``tune_lr``.
     ``clip_grid`` (0: off) shrunken ranges tried per row when a group's statistics are fitted
     (``quant.grid.clipped_range``); 0 keeps the paper's min/max ranges.
+    ``asym_calib`` (GPTAQ's asymmetric calibration): each layer is fitted to reproduce the fp16 model's output on
+    the fp16 model's inputs from the inputs the quantized model gives it (``quant.hessian.asym_target``), instead
+    of the fp16 layer's output on the quantized model's inputs.
     """
 
     method: str = "spqr"
@@ -62,6 +65,7 @@ class QuantConfig:
     tune_steps: int = 0
     tune_lr: float = 3e-3
     clip_grid: int = 0
+    asym_calib: bool = False
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
@@ -98,6 +102,12 @@ class QuantConfig:
 
         if self.clip_grid < 0:
             raise ConfigError(f"--clip-grid {self.clip_grid} must be >= 0 (0: plain min/max ranges)")
+        if self.asym_calib and self.tune_steps:
+            raise ConfigError("--asym-calib and --tune-steps pull in different directions (the fine-tune matches the "
+                              "original block on the quantized model's inputs); use one of them")
+        if self.asym_calib and not get_method(self.method).needs_hessian:
+            raise ConfigError(f"--asym-calib changes what the calibration fits; method {self.method!r} uses no "
+                              "calibration (use --method spqr or gptq)")
         if self.tune_steps < 0:
             raise ConfigError(f"--tune-steps {self.tune_steps} must be >= 0 (0 turns the block fine-tune off)")
         if not (math.isfinite(self.tune_lr) and self.tune_lr > 0):
@@ -168,6 +178,8 @@ class QuantConfig:
             d.pop("tune_lr")
         if not d["clip_grid"]:  # off: absent, as in configs saved before the range search existed
             d.pop("clip_grid")
+        if not d["asym_calib"]:  # likewise
+            d.pop("asym_calib")
         return d
 
     @classmethod

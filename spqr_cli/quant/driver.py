@@ -17,6 +17,7 @@ the results are bit-identical without storing activations on disk.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import hashlib
@@ -55,7 +56,7 @@ from spqr_cli.core.streaming import (
     trim_host_memory,
 )
 from spqr_cli.quant import column_graphs
-from spqr_cli.quant.hessian import HessianAccumulator
+from spqr_cli.quant.hessian import HessianAccumulator, asym_target
 from spqr_cli.quant.methods import get_method, quantize_layer
 from spqr_cli.quant.ranks import (
     Ranks,
@@ -212,11 +213,14 @@ def _prepare_out_dir(out_dir: Path, state: dict[str, Any], restart: bool) -> int
 
 
 def check_ranks(cfg: QuantConfig, world: int) -> None:
-    """Refuse what cannot run in ``world`` processes: the block fine-tune runs in one (checked by ``--ranks``
-    before it spawns them, and by every rank a launcher started)."""
+    """Refuse what cannot run in ``world`` processes: the block fine-tune and asymmetric calibration run in one
+    (checked by ``--ranks`` before it spawns them, and by every rank a launcher started)."""
     if cfg.tune_steps and world > 1:
         raise SpQRError(f"the block fine-tune (--tune-steps) runs in one process, not {world}; drop the fine-tune, "
                         "or --ranks / the launcher")
+    if cfg.asym_calib and world > 1:
+        raise SpQRError(f"asymmetric calibration (--asym-calib) runs in one process, not {world}; drop it, or "
+                        "--ranks / the launcher")
 
 
 def _config_change(old: dict[str, Any], new: dict[str, Any], key: str) -> str:
@@ -232,7 +236,13 @@ def _config_change(old: dict[str, Any], new: dict[str, Any], key: str) -> str:
     if not fields:
         return ""
     changes = ", ".join(f"{f} {getattr(was, f)} there, {getattr(now, f)} here" for f in fields)
-    flags = " ".join(f"--{f.replace('_', '-')} {getattr(was, f)}" for f in fields if getattr(was, f) is not None)
+    def flag(name: str) -> str:
+        value, opt = getattr(was, name), name.replace("_", "-")
+        if isinstance(value, bool):  # on/off flags take no value
+            return f"--{opt}" if value else f"--no-{opt}"
+        return f"--{opt} {value}"
+
+    flags = " ".join(flag(f) for f in fields if getattr(was, f) is not None)
     return f" ({changes}; to resume it, give its values: {flags})" if flags else f" ({changes})"
 
 
@@ -378,6 +388,53 @@ def _collect_hessians(block: nn.Module, layers: dict[str, nn.Linear], inps: torc
     return {name: acc.hessian for name, acc in accs.items()}
 
 
+@torch.no_grad()
+def _collect_asym(block: nn.Module, orig: nn.Module, layers: dict[str, nn.Linear], inps: torch.Tensor,
+                  inps_fp: torch.Tensor, kwargs: dict[str, Any], device: torch.device, dtype: torch.dtype,
+                  batch: int) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Asymmetric calibration's statistics of one group of layers: ``H`` as ``_collect_hessians`` (the inputs ``x``
+    the partly quantized ``block`` gives them) and ``D = 2/n Σ (x_fp - x) xᵀ``, with ``x_fp`` the inputs the
+    original block ``orig`` gives the same layers on the fp16 model's activations ``inps_fp`` (same tokens). Both
+    forwards stop once every layer of the group has its input."""
+    accs = {name: HessianAccumulator(lin.in_features, device=device) for name, lin in layers.items()}
+    deltas = {name: torch.zeros_like(acc._xtx) for name, acc in accs.items()}
+    fp_inputs: dict[str, torch.Tensor] = {}
+
+    def keep_fp(name: str, x: torch.Tensor) -> None:
+        fp_inputs[name] = x.reshape(-1, x.shape[-1]).to(torch.float32)
+
+    def add(name: str, x: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1]).to(torch.float32)
+        accs[name].add_batch(x)
+        deltas[name].addmm_((fp_inputs.pop(name) - x).T, x)
+
+    def feed(module: nn.Module, x: torch.Tensor, take: Callable[[str, torch.Tensor], None]) -> None:
+        seen: set[str] = set()
+
+        def hook(name: str) -> Callable[..., None]:
+            def fn(_m: nn.Module, args: tuple[torch.Tensor, ...], _out: torch.Tensor) -> None:
+                take(name, args[0].detach())
+                seen.add(name)
+                if len(seen) == len(layers):
+                    raise _StopForward
+            return fn
+
+        handles = [module.get_submodule(name).register_forward_hook(hook(name)) for name in layers]
+        try:
+            module(x.to(device=device, dtype=dtype), **kwargs)
+        except _StopForward:
+            pass
+        finally:
+            for h in handles:
+                h.remove()
+
+    for i in range(0, inps.shape[0], batch):
+        feed(orig, inps_fp[i : i + batch], keep_fp)
+        feed(block, inps[i : i + batch], add)
+    return ({name: acc.hessian for name, acc in accs.items()},
+            {name: d * (2.0 / accs[name].nsamples) for name, d in deltas.items()})
+
+
 def _relative_error(w: torch.Tensor, q: torch.Tensor, h: torch.Tensor) -> float:
     """||(W - Q) X|| / ||W X|| over the calibration inputs, computed from H = 2/n X X^T (no activations kept)."""
     d = (w - q).float()
@@ -488,8 +545,9 @@ def quantize_model(
     pre = _pre_module_paths(model, adapter)
     for path, module in pre.items():
         weights.materialize(module, path, torch.float16)
-    # (the fine-tune keeps the original block's outputs as a third buffer)
-    extra = _stored_inputs(model, adapter, ranks) + (1.0 if cfg.tune_steps else 0.0)
+    # (the fine-tune keeps the original block's outputs as a third buffer; asymmetric calibration runs the fp16
+    # model's activations beside the quantized model's: two more)
+    extra = _stored_inputs(model, adapter, ranks) + (1.0 if cfg.tune_steps else 0.0) + (2.0 if cfg.asym_calib else 0.0)
     placed = ""
 
     def allocate(shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
@@ -499,6 +557,11 @@ def quantize_model(
 
     inps, kwargs = _block_inputs(model, adapter, calib_ids[share], dev, compute_dtype, allocate)
     spare: torch.Tensor | None = None
+    inps_fp = spare_fp = None  # asymmetric calibration: the fp16 model's activations (the same at block 0)
+    if cfg.asym_calib:
+        quantized_stream = placed
+        inps_fp = allocate(inps.shape, inps.dtype).copy_(inps)
+        placed = f"{quantized_stream}; the fp16 model's: {placed}"
     targets_buf: torch.Tensor | None = None  # the fine-tune's targets, one buffer for the whole run
     notify("quantize", 0, placed)
     report.activations = placed
@@ -528,6 +591,11 @@ def quantize_model(
             if i < start_block:
                 notify("replay", i, f"block {i}: reading weights")
                 records, rows, trained, tuning = _load_block(record_path, prefix, adapter)
+                if inps_fp is not None:  # the fp16 model's stream goes through the original block
+                    weights.materialize(block, prefix, torch.float16)
+                    block.to(device=dev, dtype=compute_dtype)
+                    spare_fp, inps_fp = inps_fp, _run_block(block, inps_fp, kwargs, dev, compute_dtype,
+                                                            forward_batch, spare_fp)
                 report.layers.extend(rows)
                 report.tuning.extend(tuning)
                 weights.materialize(block, prefix, torch.float16, skip=linear_weights)  # the linears: records
@@ -547,8 +615,14 @@ def quantize_model(
                     say("original outputs for the fine-tune")
                     targets = _run_block(block, inps, kwargs, dev, compute_dtype, forward_batch, targets_buf)
                     targets_buf = targets
+                orig = copy.deepcopy(block) if inps_fp is not None else None
                 records = _quantize_block(block, prefix, adapter, inps, kwargs, cfg, dev, compute_dtype,
-                                          forward_batch, report, say, ranks)
+                                          forward_batch, report, say, ranks,
+                                          None if orig is None else (orig, inps_fp))
+                if orig is not None:  # the fp16 model's stream, through the original block
+                    spare_fp, inps_fp = inps_fp, _run_block(orig, inps_fp, kwargs, dev, compute_dtype,
+                                                            forward_batch, spare_fp)
+                    del orig
                 rows = report.to_dict()["layers"][-len(records):]
                 trained: dict[str, torch.Tensor] = {}
                 result = None
@@ -718,15 +792,20 @@ def _load_block(record_path: Path, prefix: str, adapter: FamilyAdapter) -> tuple
 def _quantize_block(block: nn.Module, prefix: str, adapter: FamilyAdapter, inps: torch.Tensor,
                     kwargs: dict[str, Any], cfg: QuantConfig, dev: torch.device, dtype: torch.dtype,
                     batch: int, report: QuantReport, notify: Callable[[str], None],
-                    ranks: Ranks = Ranks()) -> dict[str, QuantizedLayer]:
-    """Quantize one block's linears group by group (true sequential); weights are replaced in place."""
+                    ranks: Ranks = Ranks(), fp: tuple[nn.Module, torch.Tensor] | None = None,
+                    ) -> dict[str, QuantizedLayer]:
+    """Quantize one block's linears group by group (true sequential); weights are replaced in place. ``fp``:
+    the original block and the fp16 model's activations, for asymmetric calibration (``cfg.asym_calib``)."""
     records: dict[str, QuantizedLayer] = {}
     method = get_method(cfg.method)
     turn = 0  # round robin over the block's layers, so that single-layer groups alternate ranks too
     for group in adapter.sequential:
         layers = {name: block.get_submodule(name) for name in group}
+        deltas: dict[str, torch.Tensor] = {}
         if not method.needs_hessian:
             hessians = {name: None for name in group}
+        elif fp is not None:
+            hessians, deltas = _collect_asym(block, fp[0], layers, inps, fp[1], kwargs, dev, dtype, batch)
         else:
             hessians = _collect_hessians(block, layers, inps, kwargs, dev, dtype, batch, ranks)
         owners = {name: owner(turn + j, ranks) for j, name in enumerate(group)}
@@ -736,7 +815,10 @@ def _quantize_block(block: nn.Module, prefix: str, adapter: FamilyAdapter, inps:
             if owners[name] == ranks.rank:
                 notify(name)
                 t = time.perf_counter()
-                made[name] = quantize_layer(lin.weight.data, hessians[name], cfg), time.perf_counter() - t
+                target = lin.weight.data
+                if name in deltas:
+                    target = asym_target(target, hessians[name], deltas.pop(name), cfg.percdamp)
+                made[name] = quantize_layer(target, hessians[name], cfg), time.perf_counter() - t
         for name, lin in layers.items():  # every layer's record on every rank, in order
             rec, seconds = made.pop(name, (None, 0.0))
             if ranks.distributed:

@@ -1,4 +1,5 @@
-"""The calibration statistic of a linear layer: ``H = 2/n · Σ x xᵀ`` over its input tokens, in fp32."""
+"""The calibration statistic of a linear layer: ``H = 2/n · Σ x xᵀ`` over its input tokens, in fp32; and, for
+asymmetric calibration, the weight target that statistic is used with (``asym_target``)."""
 
 from __future__ import annotations
 
@@ -37,3 +38,28 @@ class HessianAccumulator:
         if not torch.isfinite(h).all():
             raise SpQRError("the calibration inputs of this layer contain inf/nan (check the model's dtype)")
         return h
+
+
+def asym_target(weight: torch.Tensor, hessian: torch.Tensor, delta: torch.Tensor, percdamp: float) -> torch.Tensor:
+    """GPTAQ's target weight for asymmetric calibration, fp32 ``[N, K]``.
+
+    The quantized model feeds a layer inputs ``X`` (rows: tokens) where the fp16 model feeds it ``X_fp`` on the
+    same tokens. Asking the quantized layer ``Q`` for the fp16 layer's output there, ``min_Q ||X_fp Wᵀ - X Qᵀ||``,
+    is the usual GPTQ objective ``||X (W* - Q)ᵀ||`` (so the usual column loop) for
+    ``W* = W + W D H⁻¹``, with ``H = 2/n XᵀX`` (``hessian``) and ``D = 2/n (X_fp - X)ᵀX`` (``delta``): the normal
+    equations of the least-squares fit. ``H`` is damped as the column loop damps it (``percdamp`` times its mean
+    diagonal, dead inputs set to 1), which keeps ``W*`` finite and makes ``W* = W`` exactly when ``X_fp = X``.
+    """
+    h = hessian.to(torch.float32, copy=True)
+    idx = torch.arange(h.shape[0], device=h.device)
+    dead = torch.diag(h) == 0
+    h[idx, idx] += percdamp * torch.diag(h).abs().mean()
+    h[idx[dead], idx[dead]] = 1.0
+    w = weight.to(torch.float32)
+    lower, info = torch.linalg.cholesky_ex(h)
+    del h  # (H and D are alive too: at most three [K, K] matrices here)
+    if info.item() != 0:
+        raise SpQRError(f"the damped Hessian is not positive definite (percdamp {percdamp}); raise --percdamp or "
+                        "use more calibration data")
+    correction = torch.cholesky_solve((w @ delta.to(torch.float32)).T, lower).T  # W D H⁻¹ (H symmetric)
+    return w + correction
