@@ -80,13 +80,16 @@ def _records(out: Path) -> dict[str, dict[str, torch.Tensor]]:
     return {f.name: load_file(str(f)) for f in sorted((out / "records").glob("*.safetensors"))}
 
 
-def test_asym_run_differs_where_activations_differ_and_resumes_exactly(tmp_path: Path, kill_quantize_at) -> None:
-    cfg = load_preset("spqr-3.9bit").replace(clip_grid=0)
-    calib = torch.randint(3, 8000, (8, 32), generator=torch.Generator().manual_seed(0))
+CALIB = torch.randint(3, 8000, (8, 32), generator=torch.Generator().manual_seed(0))
+CFG = load_preset("spqr-3.9bit").replace(clip_grid=0)
+
+
+def _plain_and_asym(tmp_path: Path, device: str) -> dict[str, dict[str, torch.Tensor]]:
+    """Quantize the 3m model with and without ``--asym-calib``; check they differ exactly where the two models'
+    activations do; return the asymmetric run's records."""
     plain, asym = tmp_path / "plain", tmp_path / "asym"
-    driver.quantize_model(str(MODEL), cfg, plain, calib, device="cpu", dense=False)
-    on = cfg.replace(asym_calib=True)
-    driver.quantize_model(str(MODEL), on, asym, calib, device="cpu", dense=False)
+    driver.quantize_model(str(MODEL), CFG, plain, CALIB, device=device, dense=False)
+    driver.quantize_model(str(MODEL), CFG.replace(asym_calib=True), asym, CALIB, device=device, dense=False)
     a, b = _records(plain), _records(asym)
     first = "block_0000.safetensors"
     q_proj = [k for k in a[first] if "q_proj" in k]
@@ -94,6 +97,18 @@ def test_asym_run_differs_where_activations_differ_and_resumes_exactly(tmp_path:
     assert q_proj and all(torch.equal(a[first][k], b[first][k]) for k in q_proj)
     later = [name for name in a if name != first]
     assert later and all(any(not torch.equal(a[n][k], b[n][k]) for k in a[n] if k.endswith(".codes")) for n in later)
+    return b
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_asym_run_on_gpu_differs_where_activations_differ(tmp_path: Path) -> None:
+    _plain_and_asym(tmp_path, "cuda")
+
+
+def test_asym_run_differs_where_activations_differ_and_resumes_exactly(tmp_path: Path, kill_quantize_at) -> None:
+    b = _plain_and_asym(tmp_path, "cpu")
+    on, calib = CFG.replace(asym_calib=True), CALIB
 
     out = tmp_path / "resumed"
     kill_quantize_at(2 * 7 + 3)  # in the middle of block 2
