@@ -119,11 +119,7 @@ def run_stats(g, n0, ok, N, G, WS, NB, sc_ptr, zr_ptr, qs_ptr, qz_ptr, ss_ptr, z
         else:
             st = g * NB + n // BETA2
             st_ok = ok & (n < N)  # rows past N of the last run would address blocks past NB
-        plane = G * NB  # [2, G, NB]: plane 0 holds the second-level scales, plane 1 the zeros
-        s = tl.load(ss_ptr + st, mask=st_ok, other=0.0).to(tl.float32) * (
-            sc - tl.load(ss_ptr + plane + st, mask=st_ok, other=0.0).to(tl.float32))
-        z = tl.load(zs_ptr + st, mask=st_ok, other=0.0).to(tl.float32) * (
-            zc - tl.load(zs_ptr + plane + st, mask=st_ok, other=0.0).to(tl.float32))
+        s, z = second_level(sc, zc, st, st_ok, G * NB, ss_ptr, zs_ptr)
     return s, z * s
 
 
@@ -159,13 +155,19 @@ def group_stats(g, n, n_ok, N, G, WS, NB, sc_ptr, zr_ptr, qs_ptr, qz_ptr, ss_ptr
         shift = (n % CPS) * STAT_BITS
         sc = ((tl.load(qs_ptr + word, mask=n_ok, other=0) >> shift) & SMASK).to(tl.float32)
         zc = ((tl.load(qz_ptr + word, mask=n_ok, other=0) >> shift) & SMASK).to(tl.float32)
-        st = g * NB + n // BETA2
-        plane = G * NB  # [2, G, NB]: plane 0 holds the second-level scales, plane 1 the zeros
-        s = tl.load(ss_ptr + st, mask=n_ok, other=0.0).to(tl.float32) * (
-            sc - tl.load(ss_ptr + plane + st, mask=n_ok, other=0.0).to(tl.float32))
-        z = tl.load(zs_ptr + st, mask=n_ok, other=0.0).to(tl.float32) * (
-            zc - tl.load(zs_ptr + plane + st, mask=n_ok, other=0.0).to(tl.float32))
+        s, z = second_level(sc, zc, g * NB + n // BETA2, n_ok, G * NB, ss_ptr, zs_ptr)
     return s, z * s
+
+
+@triton.jit
+def second_level(sc, zc, st, ok, plane, ss_ptr, zs_ptr):
+    """fp32 first-level ``(scale, zero)`` from their codes ``sc``, ``zc`` (fp32) and the second-level pairs of
+    blocks ``st``: ``[2, G, NB]`` tensors, ``plane = G * NB`` apart (plane 0 the scales, plane 1 the zeros)."""
+    s = tl.load(ss_ptr + st, mask=ok, other=0.0).to(tl.float32) * (
+        sc - tl.load(ss_ptr + plane + st, mask=ok, other=0.0).to(tl.float32))
+    z = tl.load(zs_ptr + st, mask=ok, other=0.0).to(tl.float32) * (
+        zc - tl.load(zs_ptr + plane + st, mask=ok, other=0.0).to(tl.float32))
+    return s, z
 
 
 @triton.jit

@@ -25,7 +25,7 @@ import json
 import math
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -351,38 +351,48 @@ def place_activations(shape: torch.Size, dtype: torch.dtype, device: torch.devic
         return torch.empty(shape, dtype=dtype), line
 
 
-@torch.no_grad()
-def _collect_hessians(block: nn.Module, layers: dict[str, nn.Linear], inps: torch.Tensor, kwargs: dict[str, Any],
-                      device: torch.device, dtype: torch.dtype, batch: int,
-                      ranks: Ranks = Ranks()) -> dict[str, torch.Tensor]:
-    """H = 2/n X X^T of each layer's inputs; the block's forward stops as soon as every layer has been fed. Under
-    several ranks, this rank's inputs are kept and the sums completed in window order (``ranks.chain_hessians``)."""
-    accs = {name: HessianAccumulator(lin.in_features, device=device) for name, lin in layers.items()}
-    stored: dict[str, list[torch.Tensor]] = {name: [] for name in layers}
+def _feed_layers(module: nn.Module, names: Iterable[str], x: torch.Tensor, kwargs: dict[str, Any],
+                 device: torch.device, dtype: torch.dtype, take: Callable[[str, torch.Tensor], None]) -> None:
+    """Run ``module`` on ``x`` and hand each of its submodules ``names`` input to ``take(name, input)``; the forward
+    stops as soon as every one has been fed (the rest of the block is not needed for their statistics)."""
+    names = list(names)
     seen: set[str] = set()
 
     def hook(name: str) -> Callable[..., None]:
         def fn(_m: nn.Module, args: tuple[torch.Tensor, ...], _out: torch.Tensor) -> None:
-            if ranks.distributed:
-                stored[name].append(args[0].detach())
-            else:
-                accs[name].add_batch(args[0])
+            take(name, args[0].detach())
             seen.add(name)
-            if len(seen) == len(layers):  # the rest of the block is not needed for these Hessians
-                seen.clear()
+            if len(seen) == len(names):
                 raise _StopForward
         return fn
 
-    handles = [lin.register_forward_hook(hook(name)) for name, lin in layers.items()]
+    handles = [module.get_submodule(name).register_forward_hook(hook(name)) for name in names]
     try:
-        for i in range(0, inps.shape[0], batch):
-            try:
-                block(inps[i : i + batch].to(device=device, dtype=dtype), **kwargs)
-            except _StopForward:
-                pass
+        module(x.to(device=device, dtype=dtype), **kwargs)
+    except _StopForward:
+        pass
     finally:
         for h in handles:
             h.remove()
+
+
+@torch.no_grad()
+def _collect_hessians(block: nn.Module, layers: dict[str, nn.Linear], inps: torch.Tensor, kwargs: dict[str, Any],
+                      device: torch.device, dtype: torch.dtype, batch: int,
+                      ranks: Ranks = Ranks()) -> dict[str, torch.Tensor]:
+    """H = 2/n X X^T of each layer's inputs. Under several ranks, this rank's inputs are kept and the sums completed
+    in window order (``ranks.chain_hessians``)."""
+    accs = {name: HessianAccumulator(lin.in_features, device=device) for name, lin in layers.items()}
+    stored: dict[str, list[torch.Tensor]] = {name: [] for name in layers}
+
+    def take(name: str, x: torch.Tensor) -> None:
+        if ranks.distributed:
+            stored[name].append(x)
+        else:
+            accs[name].add_batch(x)
+
+    for i in range(0, inps.shape[0], batch):
+        _feed_layers(block, layers, inps[i : i + batch], kwargs, device, dtype, take)
     if ranks.distributed:
         chain_hessians(accs, stored, ranks)
     return {name: acc.hessian for name, acc in accs.items()}
@@ -394,8 +404,7 @@ def _collect_asym(block: nn.Module, orig: nn.Module, layers: dict[str, nn.Linear
                   batch: int) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Asymmetric calibration's statistics of one group of layers: ``H`` as ``_collect_hessians`` (the inputs ``x``
     the partly quantized ``block`` gives them) and ``D = 2/n Σ (x_fp - x) xᵀ``, with ``x_fp`` the inputs the
-    original block ``orig`` gives the same layers on the fp16 model's activations ``inps_fp`` (same tokens). Both
-    forwards stop once every layer of the group has its input."""
+    original block ``orig`` gives the same layers on the fp16 model's activations ``inps_fp`` (same tokens)."""
     accs = {name: HessianAccumulator(lin.in_features, device=device) for name, lin in layers.items()}
     deltas = {name: torch.zeros_like(acc._xtx) for name, acc in accs.items()}
     fp_inputs: dict[str, torch.Tensor] = {}
@@ -408,29 +417,9 @@ def _collect_asym(block: nn.Module, orig: nn.Module, layers: dict[str, nn.Linear
         accs[name].add_batch(x)
         deltas[name].addmm_((fp_inputs.pop(name) - x).T, x)
 
-    def feed(module: nn.Module, x: torch.Tensor, take: Callable[[str, torch.Tensor], None]) -> None:
-        seen: set[str] = set()
-
-        def hook(name: str) -> Callable[..., None]:
-            def fn(_m: nn.Module, args: tuple[torch.Tensor, ...], _out: torch.Tensor) -> None:
-                take(name, args[0].detach())
-                seen.add(name)
-                if len(seen) == len(layers):
-                    raise _StopForward
-            return fn
-
-        handles = [module.get_submodule(name).register_forward_hook(hook(name)) for name in layers]
-        try:
-            module(x.to(device=device, dtype=dtype), **kwargs)
-        except _StopForward:
-            pass
-        finally:
-            for h in handles:
-                h.remove()
-
     for i in range(0, inps.shape[0], batch):
-        feed(orig, inps_fp[i : i + batch], keep_fp)
-        feed(block, inps[i : i + batch], add)
+        _feed_layers(orig, layers, inps_fp[i : i + batch], kwargs, device, dtype, keep_fp)
+        _feed_layers(block, layers, inps[i : i + batch], kwargs, device, dtype, add)
     return ({name: acc.hessian for name, acc in accs.items()},
             {name: d * (2.0 / accs[name].nsamples) for name, d in deltas.items()})
 

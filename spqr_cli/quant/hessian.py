@@ -40,6 +40,16 @@ class HessianAccumulator:
         return h
 
 
+def damp_(h: torch.Tensor, percdamp: float) -> torch.Tensor:
+    """Damp ``h`` in place as the column loop does: ``percdamp`` times its mean diagonal added to the diagonal,
+    and dead inputs (zero diagonal: the input is always zero) set to 1. Returns ``h``."""
+    dead = torch.diag(h) == 0
+    idx = torch.arange(h.shape[0], device=h.device)
+    h[idx, idx] += percdamp * torch.diag(h).abs().mean()
+    h[idx[dead], idx[dead]] = 1.0
+    return h
+
+
 def asym_target(weight: torch.Tensor, hessian: torch.Tensor, delta: torch.Tensor, percdamp: float) -> torch.Tensor:
     """GPTAQ's target weight for asymmetric calibration, fp32 ``[N, K]``.
 
@@ -50,11 +60,7 @@ def asym_target(weight: torch.Tensor, hessian: torch.Tensor, delta: torch.Tensor
     equations of the least-squares fit. ``H`` is damped as the column loop damps it (``percdamp`` times its mean
     diagonal, dead inputs set to 1), which keeps ``W*`` finite and makes ``W* = W`` exactly when ``X_fp = X``.
     """
-    h = hessian.to(torch.float32, copy=True)
-    idx = torch.arange(h.shape[0], device=h.device)
-    dead = torch.diag(h) == 0
-    h[idx, idx] += percdamp * torch.diag(h).abs().mean()
-    h[idx[dead], idx[dead]] = 1.0
+    h = damp_(hessian.to(torch.float32, copy=True), percdamp)
     w = weight.to(torch.float32)
     lower, info = torch.linalg.cholesky_ex(h)
     del h  # (H and D are alive too: at most three [K, K] matrices here)

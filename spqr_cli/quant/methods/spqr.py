@@ -39,6 +39,7 @@ from spqr_cli.core.config import QuantConfig
 from spqr_cli.core.errors import SpQRError
 from spqr_cli.quant.column_graphs import BlockOutputs, ReplayedStep, replayed_step
 from spqr_cli.quant.grid import GroupStats, make_record, minmax_params, quantize_codes
+from spqr_cli.quant.hessian import damp_
 from spqr_cli.quant.methods import QuantMethod
 from spqr_cli.quant.record import QuantizedLayer
 
@@ -92,10 +93,7 @@ def _inverse_cholesky(h: torch.Tensor, percdamp: float) -> torch.Tensor:
     """Damp ``h`` (dead diagonal already 0) and return the upper Cholesky factor of its inverse. ``h`` is used as
     scratch (it ends holding ``H⁻¹``): each step's result is copied into it and the temporary dropped, so at most
     two ``[K, K]`` matrices are alive (a LLaMA-70B down projection's is 3.3 GB in fp32)."""
-    dead = torch.diag(h) == 0
-    idx = torch.arange(h.shape[0], device=h.device)
-    h[idx, idx] += percdamp * torch.diag(h).abs().mean()
-    h[idx[dead], idx[dead]] = 1.0
+    damp_(h, percdamp)
     lower, info = torch.linalg.cholesky_ex(h)
     u = None
     if info.item() == 0:
