@@ -347,6 +347,12 @@ def calibrate(
 Method = Enum("Method", {name: name for name in method_names()}, type=str)
 
 
+class ActivationPlace(str, Enum):
+    auto = "auto"
+    device = "device"
+    host = "host"
+
+
 class Perm(str, Enum):
     act_order = "act_order"
     identity = "identity"
@@ -414,6 +420,11 @@ def quantize(
     seed: Annotated[int, typer.Option("--seed", help="Seed of the calibration windows (on the fly).")] = 0,
     data_dir: DataDirOpt = None,
     device: DeviceOpt = Device.auto,
+    activations: Annotated[ActivationPlace, typer.Option(
+        "--activations", help="Where the calibration activations live between blocks on a GPU run: auto = on the "
+        "GPU when they (with the copies --asym-calib and --tune-steps keep beside them) fit in half of its free "
+        "memory, else pinned host memory; device / host force one (host: less GPU memory, each block copies them "
+        "across PCIe).")] = ActivationPlace.auto,
     restart: Annotated[bool, typer.Option("--restart", help="Discard a previous run in OUT and start over.")] = False,
     pack_out: Annotated[Path | None, typer.Option(
         "--pack", help="Also write the packed checkpoint here when the run finishes (as `spqr pack OUT --out "
@@ -494,7 +505,7 @@ def quantize(
 
         with quant_progress() as progress:
             report = quantize_model(model, cfg, out, ids, calib_set.manifest, device=device.value, restart=restart,
-                                    progress=progress, dense=write_dense)
+                                    progress=progress, dense=write_dense, activations=activations.value)
         if report.from_saved and lead:
             console().print(f"{out} already holds this finished run (same model, config and calibration): showing "
                             "its saved report; pass --restart to quantize again")

@@ -72,7 +72,7 @@ def test_asym_calib_is_saved_only_when_on_and_refused_where_it_cannot_run() -> N
         on.replace(tune_steps=8)
     with pytest.raises(ConfigError, match="uses no calibration"):
         load_preset("rtn-4bit-g128").replace(asym_calib=True)
-    with pytest.raises(SpQRError, match="asym-calib"):
+    with pytest.raises(SpQRError, match="pass --no-asym-calib"):
         driver.check_ranks(on, 2)
 
 

@@ -11,7 +11,8 @@ from spqr_cli.core.config import ConfigError, QuantConfig, build_config, list_pr
 
 def test_every_preset_loads_and_round_trips() -> None:
     names = list_presets()
-    assert {"spqr-3.9bit", "spqr-4.6bit", "gptq-4bit-g128", "gptq-3bit-g128", "rtn-4bit-g128"} <= set(names)
+    assert {"spqr-3.9bit", "spqr-4.6bit", "spqr-4.7bit", "gptq-4bit-g128", "gptq-3bit-g128",
+            "rtn-4bit-g128"} <= set(names)
     for name in names:
         cfg = load_preset(name)
         assert QuantConfig.from_dict(cfg.to_dict()) == cfg
@@ -22,6 +23,15 @@ def test_defaults_are_the_3_9_bit_preset() -> None:
     # (before it existed) had min/max ranges
     assert QuantConfig(clip_grid=100) == load_preset("spqr-3.9bit") and QuantConfig().clip_grid == 0
     assert build_config(wbits=3) == load_preset("spqr-3.9bit")
+
+
+def test_the_4_7_bit_preset_is_the_measured_best_point() -> None:
+    """spqr-4.7bit is the flags of docs/benchmarks.md section 16's best point at <= 4.7 measured bits, and a flag
+    still turns its asymmetric calibration off (for several ranks)."""
+    cfg = load_preset("spqr-4.7bit")
+    assert (cfg.wbits, cfg.groupsize, cfg.beta2, cfg.stat_bits, cfg.target_bits) == (4, 32, 16, 3, 4.7)
+    assert (cfg.percdamp, cfg.clip_grid, cfg.asym_calib) == (0.01, 100, True)
+    assert build_config(preset="spqr-4.7bit", asym_calib=False).asym_calib is False
 
 
 def test_flags_override_presets_and_methods_have_defaults() -> None:

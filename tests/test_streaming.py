@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from torch import nn
 
 from spqr_cli.core.config import load_preset
 from spqr_cli.core.errors import SpQRError
@@ -392,6 +393,22 @@ def test_ranks_split_whole_forward_batches() -> None:
         window_share(4, 2, Ranks(0, 4))
 
 
+def test_block_outputs_overwrite_their_inputs_batch_by_batch() -> None:
+    """``_run_block`` writes each forward batch's outputs over its inputs (one activation buffer for the run): the
+    same values as outputs written to a separate buffer, for a block that mixes the positions of a sample."""
+    torch.manual_seed(0)
+    block = nn.Sequential(nn.Linear(6, 6), nn.Tanh())
+
+    class Mix(nn.Module):  # mixes positions within a sample (as attention does), never across samples
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return block(x + x.mean(dim=1, keepdim=True))
+
+    inps = torch.randn(5, 4, 6)
+    separate = driver._run_block(Mix(), inps, {}, torch.device("cpu"), torch.float32, 2, torch.empty_like(inps))
+    assert driver._run_block(Mix(), inps, {}, torch.device("cpu"), torch.float32, 2) is inps
+    assert torch.equal(inps, separate)
+
+
 def test_activations_stay_in_host_memory_on_cpu() -> None:
     placed, line = driver.place_activations(torch.Size((2, 8, 16)), torch.float32, torch.device("cpu"))
     assert placed.device.type == "cpu" and placed.shape == (2, 8, 16) and placed.dtype == torch.float32
@@ -415,6 +432,39 @@ def test_gpu_activation_placement_does_not_change_the_records(tmp_path: Path, mo
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (2**16, 2**30))
     placed, line = driver.place_activations(torch.Size((4, 64, 256)), torch.float16, torch.device("cuda"))
     assert placed.is_pinned() and "pinned host memory (too large for the GPU)" in line
+    placed, line = driver.place_activations(torch.Size((3, 5, 7)), torch.float16, torch.device("cuda"), "host")
+    assert placed.is_pinned() and "pinned host memory (--activations host)" in line
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_pinned_buffers_are_page_locked_at_their_own_size() -> None:
+    """``pinned_empty`` registers a large ordinary allocation (torch's pinned allocator would round 2.5 GB up to
+    4): the tensor is page-locked, copies both ways, and is unregistered when it dies (registering the same range
+    again would fail if it were not). Small buffers come from torch's pinned allocator."""
+    import gc
+
+    from spqr_cli.core.streaming import PIN_REGISTER_MIN, _clear_cuda_error, pinned_empty
+
+    small = pinned_empty(torch.Size((3, 5)), torch.float16)
+    assert small.is_pinned() and small.shape == (3, 5)
+    rows = PIN_REGISTER_MIN // (1024 * 2) + 3  # just above the cut-off, fp16 rows of 1024
+    t = pinned_empty(torch.Size((rows, 1024)), torch.float16)
+    assert t.is_pinned() and t.untyped_storage().nbytes() == rows * 1024 * 2
+    x = torch.randn(rows, 1024, device="cuda", dtype=torch.float16)
+    t.copy_(x, non_blocking=True)
+    torch.cuda.synchronize()
+    assert torch.equal(t.cuda(), x)
+    cudart = torch.cuda.cudart()
+    keep = t.untyped_storage()  # the memory stays allocated; only the tensor (and its registration) goes
+    del t
+    gc.collect()
+    assert int(cudart.cudaHostRegister(keep.data_ptr(), keep.nbytes(), 0)) == 0
+    assert int(cudart.cudaHostUnregister(keep.data_ptr())) == 0
+    assert int(cudart.cudaHostRegister(0, 4096, 0)) != 0  # a failed registration sets CUDA's last error ...
+    _clear_cuda_error()  # ... which pinned_empty clears before it raises, or torch's next launch would report it
+    torch.ones(1, device="cuda").add_(1)
+    torch.cuda.synchronize()
 
 
 def test_ranks_flag_spawns_gloo_processes(tmp_path: Path) -> None:

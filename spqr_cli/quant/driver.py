@@ -51,6 +51,7 @@ from spqr_cli.core.streaming import (
     StreamedCheckpointWriter,
     host_rss_mb,
     local_model_dir,
+    pinned_empty,
     release,
     replace_dir,
     trim_host_memory,
@@ -219,8 +220,8 @@ def check_ranks(cfg: QuantConfig, world: int) -> None:
         raise SpQRError(f"the block fine-tune (--tune-steps) runs in one process, not {world}; drop the fine-tune, "
                         "or --ranks / the launcher")
     if cfg.asym_calib and world > 1:
-        raise SpQRError(f"asymmetric calibration (--asym-calib) runs in one process, not {world}; drop it, or "
-                        "--ranks / the launcher")
+        raise SpQRError(f"asymmetric calibration (--asym-calib, on in the spqr-4.7bit preset) runs in one process, "
+                        f"not {world}; pass --no-asym-calib, or drop --ranks / the launcher")
 
 
 def _config_change(old: dict[str, Any], new: dict[str, Any], key: str) -> str:
@@ -308,14 +309,11 @@ def _to_device(obj: Any, device: torch.device) -> Any:
 @torch.no_grad()
 def _run_block(block: nn.Module, inps: torch.Tensor, kwargs: dict[str, Any], device: torch.device,
                dtype: torch.dtype, batch: int, outs: torch.Tensor | None = None) -> torch.Tensor:
-    """Forward every calibration sample through one block into ``outs`` (the previous block's input buffer, so
-    that two buffers serve the whole run: pinned memory in particular is page-locked until the process ends), or a
-    new tensor where the inputs are (``place_activations``; pageable host memory if no more can be pinned)."""
-    if outs is None:
-        try:
-            outs = torch.empty(inps.shape, dtype=inps.dtype, device=inps.device, pin_memory=inps.is_pinned())
-        except RuntimeError:  # no more page-locked memory
-            outs = torch.empty(inps.shape, dtype=inps.dtype)
+    """Forward every calibration sample through one block into ``outs``, by default ``inps`` itself: each forward
+    batch is read before its outputs overwrite it and the samples do not interact (no cache; the masks are per
+    sample), so one buffer carries the activations through the whole run, half the memory of an input and an
+    output buffer. A separate ``outs`` is for outputs that must not replace the inputs (the fine-tune's targets)."""
+    outs = inps if outs is None else outs
     for i in range(0, inps.shape[0], batch):
         out = block(inps[i : i + batch].to(device=device, dtype=dtype), **kwargs)
         outs[i : i + batch].copy_(out[0] if isinstance(out, tuple) else out)
@@ -329,8 +327,8 @@ def place_activations(shape: torch.Size, dtype: torch.dtype, device: torch.devic
                       stored: float = 0.0) -> tuple[torch.Tensor, str]:
     """An empty buffer for the calibration activations where they live between blocks, and a line saying where.
 
-    On a GPU they stay on it when a block's inputs and outputs (twice their size, plus ``stored`` times it: the
-    layer inputs a rank keeps for its Hessians, ``_stored_inputs``) fit in half of its free memory ("auto";
+    On a GPU they stay on it when they (plus ``stored`` times their size: the layer inputs a rank keeps for its
+    Hessians, ``_stored_inputs``, and the other streams' buffers) fit in half of its free memory ("auto";
     "device" forces it), so no block copies them across PCIe; otherwise they are kept in pinned host memory
     (page-locked: the per-batch copies to the GPU run at full bus speed), or pageable memory if pinning fails. On
     a CPU there is only host memory. The values are the same wherever they live.
@@ -341,13 +339,13 @@ def place_activations(shape: torch.Size, dtype: torch.dtype, device: torch.devic
     size = f"{nbytes / 2**30:.2f} GB"
     if device.type != "cuda":
         return torch.empty(shape, dtype=dtype), f"activations ({size}) in host memory"
-    if where == "device" or where == "auto" and (2 + stored) * nbytes <= torch.cuda.mem_get_info(device)[0] // 2:
-        return torch.empty(shape, dtype=dtype, device=device), f"activations ({size} x 2) on the GPU"
+    if where == "device" or where == "auto" and (1 + stored) * nbytes <= torch.cuda.mem_get_info(device)[0] // 2:
+        return torch.empty(shape, dtype=dtype, device=device), f"activations ({size}) on the GPU"
+    why = "--activations host" if where == "host" else "too large for the GPU"
     try:
-        return (torch.empty(shape, dtype=dtype, pin_memory=True),
-                f"activations ({size} x 2) in pinned host memory (too large for the GPU)")
+        return pinned_empty(shape, dtype), f"activations ({size}) in pinned host memory ({why})"
     except RuntimeError:  # no page-locked memory to be had
-        line = f"activations ({size} x 2) in host memory (too large for the GPU; pinning failed)"
+        line = f"activations ({size}) in host memory ({why}; pinning failed)"
         return torch.empty(shape, dtype=dtype), line
 
 
@@ -534,24 +532,26 @@ def quantize_model(
     pre = _pre_module_paths(model, adapter)
     for path, module in pre.items():
         weights.materialize(module, path, torch.float16)
-    # (the fine-tune keeps the original block's outputs as a third buffer; asymmetric calibration runs the fp16
-    # model's activations beside the quantized model's: two more)
-    extra = _stored_inputs(model, adapter, ranks) + (1.0 if cfg.tune_steps else 0.0) + (2.0 if cfg.asym_calib else 0.0)
-    placed = ""
+    # One buffer carries the activations from block to block (``_run_block``); the fine-tune keeps the original
+    # block's outputs in a second, asymmetric calibration the fp16 model's activations in one more. The first
+    # buffer's place (``activations``: "auto" decides there, counting them all) is every buffer's place.
+    beside = [what for what, on in (("the fp16 model's activations", cfg.asym_calib),
+                                    ("the fine-tune's targets", cfg.tune_steps)) if on]
+    extra = _stored_inputs(model, adapter, ranks) + len(beside)
+    place, placed = activations, ""
 
     def allocate(shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
-        nonlocal placed
-        buffer, placed = place_activations(shape, dtype, dev, activations, extra)
+        nonlocal place, placed
+        buffer, line = place_activations(shape, dtype, dev, place, extra)
+        place, placed = ("device" if buffer.is_cuda else "host"), placed or line
         return buffer
 
     inps, kwargs = _block_inputs(model, adapter, calib_ids[share], dev, compute_dtype, allocate)
-    spare: torch.Tensor | None = None
-    inps_fp = spare_fp = None  # asymmetric calibration: the fp16 model's activations (the same at block 0)
-    if cfg.asym_calib:
-        quantized_stream = placed
-        inps_fp = allocate(inps.shape, inps.dtype).copy_(inps)
-        placed = f"{quantized_stream}; the fp16 model's: {placed}"
-    targets_buf: torch.Tensor | None = None  # the fine-tune's targets, one buffer for the whole run
+    # asymmetric calibration: the fp16 model's activations (the same as the quantized model's at block 0)
+    inps_fp = allocate(inps.shape, inps.dtype).copy_(inps) if cfg.asym_calib else None
+    targets_buf = allocate(inps.shape, inps.dtype) if cfg.tune_steps else None  # the fine-tune's targets
+    if beside:
+        placed += f"; {' and '.join(beside)} beside them"
     notify("quantize", 0, placed)
     report.activations = placed
     kwargs = _to_device(kwargs, dev)
@@ -583,8 +583,7 @@ def quantize_model(
                 if inps_fp is not None:  # the fp16 model's stream goes through the original block
                     weights.materialize(block, prefix, torch.float16)
                     block.to(device=dev, dtype=compute_dtype)
-                    spare_fp, inps_fp = inps_fp, _run_block(block, inps_fp, kwargs, dev, compute_dtype,
-                                                            forward_batch, spare_fp)
+                    _run_block(block, inps_fp, kwargs, dev, compute_dtype, forward_batch)
                 report.layers.extend(rows)
                 report.tuning.extend(tuning)
                 weights.materialize(block, prefix, torch.float16, skip=linear_weights)  # the linears: records
@@ -603,14 +602,12 @@ def quantize_model(
                 if cfg.tune_steps:  # the original block's outputs, what the fine-tune matches
                     say("original outputs for the fine-tune")
                     targets = _run_block(block, inps, kwargs, dev, compute_dtype, forward_batch, targets_buf)
-                    targets_buf = targets
                 orig = copy.deepcopy(block) if inps_fp is not None else None
                 records = _quantize_block(block, prefix, adapter, inps, kwargs, cfg, dev, compute_dtype,
                                           forward_batch, report, say, ranks,
                                           None if orig is None else (orig, inps_fp))
                 if orig is not None:  # the fp16 model's stream, through the original block
-                    spare_fp, inps_fp = inps_fp, _run_block(orig, inps_fp, kwargs, dev, compute_dtype,
-                                                            forward_batch, spare_fp)
+                    _run_block(orig, inps_fp, kwargs, dev, compute_dtype, forward_batch)
                     del orig
                 rows = report.to_dict()["layers"][-len(records):]
                 trained: dict[str, torch.Tensor] = {}
@@ -623,8 +620,7 @@ def quantize_model(
                 lead_step(ranks, lambda _i=i, _r=records, _rows=rows, _p=record_path, _t=trained, _x=result:
                           _commit_block(out, state, _i, _p, _r, _rows, _t, _x))
                 notify("quantize", i + 1, f"block {i} done")
-            outs = _run_block(block, inps, kwargs, dev, compute_dtype, forward_batch, spare)
-            spare, inps = inps, outs  # this block's inputs are the next block's output buffer
+            _run_block(block, inps, kwargs, dev, compute_dtype, forward_batch)  # in place: the next block's inputs
             lead_step(ranks, lambda _b=block, _p=prefix: _write_block(writer, _b, _p))
             release(block)
             del records
