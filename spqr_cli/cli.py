@@ -351,6 +351,7 @@ class ActivationPlace(str, Enum):
     auto = "auto"
     device = "device"
     host = "host"
+    disk = "disk"
 
 
 class Perm(str, Enum):
@@ -421,10 +422,14 @@ def quantize(
     data_dir: DataDirOpt = None,
     device: DeviceOpt = Device.auto,
     activations: Annotated[ActivationPlace, typer.Option(
-        "--activations", help="Where the calibration activations live between blocks on a GPU run: auto = on the "
-        "GPU when they (with the copies --asym-calib and --tune-steps keep beside them) fit in half of its free "
-        "memory, else pinned host memory; device / host force one (host: less GPU memory, each block copies them "
-        "across PCIe).")] = ActivationPlace.auto,
+        "--activations", help="Where the calibration activations live between blocks: auto = on the GPU (GPU runs) "
+        "when they (with the copies --asym-calib and --tune-steps keep beside them) fit in half of its free memory, "
+        "else in host memory when they fit in half of what is available, else on disk under --offload-dir (a file "
+        "the kernel pages; removed when the run ends); device / host / disk force one (host: less GPU memory, each "
+        "block copies them across PCIe).")] = ActivationPlace.auto,
+    offload_dir: Annotated[Path | None, typer.Option(
+        "--offload-dir", help="Where activations on disk go (--activations disk, or auto when they fit nowhere "
+        "else). Default: OUT.", show_default=False)] = None,
     restart: Annotated[bool, typer.Option("--restart", help="Discard a previous run in OUT and start over.")] = False,
     pack_out: Annotated[Path | None, typer.Option(
         "--pack", help="Also write the packed checkpoint here when the run finishes (as `spqr pack OUT --out "
@@ -505,7 +510,8 @@ def quantize(
 
         with quant_progress() as progress:
             report = quantize_model(model, cfg, out, ids, calib_set.manifest, device=device.value, restart=restart,
-                                    progress=progress, dense=write_dense, activations=activations.value)
+                                    progress=progress, dense=write_dense, activations=activations.value,
+                                    offload_dir=offload_dir)
         if report.from_saved and lead:
             console().print(f"{out} already holds this finished run (same model, config and calibration): showing "
                             "its saved report; pass --restart to quantize again")

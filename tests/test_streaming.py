@@ -410,11 +410,42 @@ def test_block_outputs_overwrite_their_inputs_batch_by_batch() -> None:
 
 
 def test_activations_stay_in_host_memory_on_cpu() -> None:
-    placed, line = driver.place_activations(torch.Size((2, 8, 16)), torch.float32, torch.device("cpu"))
+    placed, where, line = driver.place_activations(torch.Size((2, 8, 16)), torch.float32, torch.device("cpu"))
     assert placed.device.type == "cpu" and placed.shape == (2, 8, 16) and placed.dtype == torch.float32
-    assert line == "activations (0.00 GB) in host memory"
-    with pytest.raises(SpQRError, match="activations must be one of auto, device, host"):
-        driver.place_activations(torch.Size((2, 8, 16)), torch.float32, torch.device("cpu"), "disk")
+    assert where == "host" and line == "activations (0.00 GB) in host memory"
+    with pytest.raises(SpQRError, match="activations must be one of auto, device, host, disk"):
+        driver.place_activations(torch.Size((2, 8, 16)), torch.float32, torch.device("cpu"), "tape")
+    with pytest.raises(SpQRError, match="--activations device needs a GPU run"):
+        driver.place_activations(torch.Size((2, 8, 16)), torch.float32, torch.device("cpu"), "device")
+
+
+def test_activations_on_disk_give_the_same_records_and_leave_nothing(tmp_path: Path, monkeypatch) -> None:
+    """``--activations disk`` (and "auto" when host memory is short) keeps them in an unlinked file under
+    --offload-dir: the records equal a run with them in host memory, the report says where, no file is left; a
+    disk without room is a one-line error before any block."""
+    cfg, calib = load_preset("spqr-3.9bit").replace(clip_grid=0), _calib()
+    host = driver.quantize_model(str(DOCS_3M), cfg, tmp_path / "host", calib, device="cpu", dense=False)
+    disk = driver.quantize_model(str(DOCS_3M), cfg, tmp_path / "disk", calib, device="cpu", dense=False,
+                                 activations="disk", offload_dir=tmp_path / "spill")
+    assert "in host memory" in host.activations
+    assert f"on disk in {tmp_path / 'spill'} (--activations disk)" in disk.activations
+    assert_same(streamed_records(tmp_path / "host"), streamed_records(tmp_path / "disk"))
+    assert list((tmp_path / "spill").iterdir()) == []
+    monkeypatch.setattr(driver, "available_host_bytes", lambda: 2**10)  # auto: not even host memory fits
+    buffer, where, line = driver.place_activations(torch.Size((2, 8, 16)), torch.float32, torch.device("cpu"),
+                                                   offload_dir=tmp_path / "spill")
+    assert where == "disk" and "too large for host memory (0.0 GB available)" in line
+    buffer.fill_(3.0)
+    assert buffer.sum().item() == 3.0 * 256 and list((tmp_path / "spill").iterdir()) == []
+
+    def full(fd: int, offset: int, length: int) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    with pytest.raises(SpQRError, match="cannot reserve .*No space left on device.*--offload-dir"):
+        driver.place_activations(torch.Size((2, 8, 16)), torch.float32, torch.device("cpu"), "disk", 0.0,
+                                 tmp_path / "spill")
+    assert list((tmp_path / "spill").iterdir()) == []
 
 
 @pytest.mark.gpu
@@ -430,9 +461,9 @@ def test_gpu_activation_placement_does_not_change_the_records(tmp_path: Path, mo
     assert "on the GPU" in reports["device"].activations and "pinned" in reports["host"].activations
     assert_same(streamed_records(tmp_path / "device"), streamed_records(tmp_path / "host"))
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (2**16, 2**30))
-    placed, line = driver.place_activations(torch.Size((4, 64, 256)), torch.float16, torch.device("cuda"))
+    placed, _, line = driver.place_activations(torch.Size((4, 64, 256)), torch.float16, torch.device("cuda"))
     assert placed.is_pinned() and "pinned host memory (too large for the GPU)" in line
-    placed, line = driver.place_activations(torch.Size((3, 5, 7)), torch.float16, torch.device("cuda"), "host")
+    placed, _, line = driver.place_activations(torch.Size((3, 5, 7)), torch.float16, torch.device("cuda"), "host")
     assert placed.is_pinned() and "pinned host memory (--activations host)" in line
 
 

@@ -18,6 +18,7 @@ import json
 import math
 import os
 import shutil
+import tempfile
 import weakref
 from collections.abc import Iterable
 from pathlib import Path
@@ -225,6 +226,42 @@ def trim_host_memory() -> None:
 
 
 _LIBC: Any = None
+
+
+def available_host_bytes() -> int | None:
+    """Host memory the kernel could hand out now without swapping (``MemAvailable``), or ``None`` where unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            kb = next(int(line.split()[1]) for line in f if line.startswith("MemAvailable:"))
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
+    return kb * 1024
+
+
+def disk_empty(shape: torch.Size, dtype: torch.dtype, directory: str | Path) -> torch.Tensor:
+    """An uninitialized tensor backed by a file in ``directory`` (shared memory map): the kernel keeps the pages
+    it can in RAM and writes the rest back to the file, so a buffer larger than host memory still works.
+
+    The file's blocks are reserved up front (a full disk is an error here, not a SIGBUS on some later write), and
+    the file is unlinked as soon as it is mapped: its space returns to the disk when the tensor dies or the
+    process ends, killed or not, and nothing is left behind.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    nbytes = math.prod(shape) * dtype.itemsize
+    fd, name = tempfile.mkstemp(prefix="spqr-activations-", suffix=".bin", dir=directory)
+    try:
+        try:
+            if nbytes:
+                os.posix_fallocate(fd, 0, nbytes)
+        except OSError as e:
+            raise SpQRError(f"cannot reserve {nbytes / 2**30:.2f} GB for the calibration activations in "
+                            f"{directory} ({e.strerror}); free space there or choose --offload-dir") from None
+        finally:
+            os.close(fd)
+        return torch.from_file(name, shared=True, size=math.prod(shape), dtype=dtype).view(shape)
+    finally:
+        os.unlink(name)
 
 
 PIN_REGISTER_MIN = 64 * 2**20  # smaller buffers take torch's pinned allocator (its rounding wastes < 64 MB)

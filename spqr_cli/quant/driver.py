@@ -49,6 +49,8 @@ from spqr_cli.core.models import (
 from spqr_cli.core.streaming import (
     CheckpointWeights,
     StreamedCheckpointWriter,
+    available_host_bytes,
+    disk_empty,
     host_rss_mb,
     local_model_dir,
     pinned_empty,
@@ -320,33 +322,47 @@ def _run_block(block: nn.Module, inps: torch.Tensor, kwargs: dict[str, Any], dev
     return outs
 
 
-ACTIVATION_PLACES = ("auto", "device", "host")
+ACTIVATION_PLACES = ("auto", "device", "host", "disk")
 
 
 def place_activations(shape: torch.Size, dtype: torch.dtype, device: torch.device, where: str = "auto",
-                      stored: float = 0.0) -> tuple[torch.Tensor, str]:
-    """An empty buffer for the calibration activations where they live between blocks, and a line saying where.
+                      stored: float = 0.0, offload_dir: str | Path | None = None) -> tuple[torch.Tensor, str, str]:
+    """An empty buffer for the calibration activations where they live between blocks, that place ("device",
+    "host" or "disk") and a line saying where and why.
 
-    On a GPU they stay on it when they (plus ``stored`` times their size: the layer inputs a rank keeps for its
-    Hessians, ``_stored_inputs``, and the other streams' buffers) fit in half of its free memory ("auto";
-    "device" forces it), so no block copies them across PCIe; otherwise they are kept in pinned host memory
-    (page-locked: the per-batch copies to the GPU run at full bus speed), or pageable memory if pinning fails. On
-    a CPU there is only host memory. The values are the same wherever they live.
+    "auto": on a GPU run they stay on the GPU when they (plus ``stored`` times their size: the layer inputs a rank
+    keeps for its Hessians, ``_stored_inputs``, and the other streams' buffers) fit in half of its free memory, so
+    no block copies them across PCIe; otherwise in host memory (pinned on a GPU run: the per-batch copies run at
+    full bus speed; pageable if pinning fails) when they fit in half of the memory available there; otherwise on
+    disk, in a file under ``offload_dir`` that the kernel pages (``disk_empty``). "device", "host" and "disk" force
+    one. The values are the same wherever they live.
     """
     if where not in ACTIVATION_PLACES:
         raise SpQRError(f"activations must be one of {', '.join(ACTIVATION_PLACES)}, got {where!r}")
+    cuda = device.type == "cuda"
+    if where == "device" and not cuda:
+        raise SpQRError("--activations device needs a GPU run (--device cuda); a CPU run keeps them in host memory "
+                        "or on disk (--activations host / disk)")
     nbytes = shape.numel() * dtype.itemsize
+    need = (1 + stored) * nbytes
     size = f"{nbytes / 2**30:.2f} GB"
-    if device.type != "cuda":
-        return torch.empty(shape, dtype=dtype), f"activations ({size}) in host memory"
-    if where == "device" or where == "auto" and (1 + stored) * nbytes <= torch.cuda.mem_get_info(device)[0] // 2:
-        return torch.empty(shape, dtype=dtype, device=device), f"activations ({size}) on the GPU"
-    why = "--activations host" if where == "host" else "too large for the GPU"
+    if where == "device" or where == "auto" and cuda and need <= torch.cuda.mem_get_info(device)[0] // 2:
+        return torch.empty(shape, dtype=dtype, device=device), "device", f"activations ({size}) on the GPU"
+    why = f"--activations {where}" if where != "auto" else "too large for the GPU" if cuda else ""
+    if where == "auto" and (avail := available_host_bytes()) is not None and need > avail // 2:
+        where = "disk"
+        why = f"too large for {'the GPU and ' if cuda else ''}host memory ({avail / 2**30:.1f} GB available)"
+    if where == "disk":
+        if offload_dir is None:
+            raise SpQRError("activations on disk need a directory: pass --offload-dir DIR")
+        return disk_empty(shape, dtype, offload_dir), "disk", f"activations ({size}) on disk in {offload_dir} ({why})"
+    if not cuda:
+        line = f"activations ({size}) in host memory" + (f" ({why})" if why else "")
+        return torch.empty(shape, dtype=dtype), "host", line
     try:
-        return pinned_empty(shape, dtype), f"activations ({size}) in pinned host memory ({why})"
+        return pinned_empty(shape, dtype), "host", f"activations ({size}) in pinned host memory ({why})"
     except RuntimeError:  # no page-locked memory to be had
-        line = f"activations ({size}) in host memory ({why}; pinning failed)"
-        return torch.empty(shape, dtype=dtype), line
+        return torch.empty(shape, dtype=dtype), "host", f"activations ({size}) in host memory ({why}; pinning failed)"
 
 
 def _feed_layers(module: nn.Module, names: Iterable[str], x: torch.Tensor, kwargs: dict[str, Any],
@@ -451,6 +467,7 @@ def quantize_model(
     progress: ProgressFn | None = None,
     dense: bool = True,
     activations: str = "auto",
+    offload_dir: str | Path | None = None,
 ) -> QuantReport:
     """Quantize every linear layer of every decoder block of ``model_path`` into ``out_dir``.
 
@@ -542,8 +559,8 @@ def quantize_model(
 
     def allocate(shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
         nonlocal place, placed
-        buffer, line = place_activations(shape, dtype, dev, place, extra)
-        place, placed = ("device" if buffer.is_cuda else "host"), placed or line
+        buffer, where, line = place_activations(shape, dtype, dev, place, extra, offload_dir or out)
+        place, placed = where, placed or line
         return buffer
 
     inps, kwargs = _block_inputs(model, adapter, calib_ids[share], dev, compute_dtype, allocate)
