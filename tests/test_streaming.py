@@ -419,6 +419,13 @@ def test_activations_stay_in_host_memory_on_cpu() -> None:
         driver.place_activations(torch.Size((2, 8, 16)), torch.float32, torch.device("cpu"), "device")
 
 
+def test_activations_device_on_a_cpu_run_is_refused_before_any_work(tmp_path: Path) -> None:
+    with pytest.raises(SpQRError, match="--activations device needs a GPU run"):
+        driver.quantize_model(str(DOCS_3M), load_preset("spqr-3.9bit"), tmp_path / "q", _calib(), device="cpu",
+                              activations="device")
+    assert not (tmp_path / "q").exists()
+
+
 def test_activations_on_disk_give_the_same_records_and_leave_nothing(tmp_path: Path, monkeypatch) -> None:
     """``--activations disk`` (and "auto" when host memory is short) keeps them in an unlinked file under
     --offload-dir: the records equal a run with them in host memory, the report says where, no file is left; a
@@ -443,8 +450,8 @@ def test_activations_on_disk_give_the_same_records_and_leave_nothing(tmp_path: P
 
     monkeypatch.setattr(os, "posix_fallocate", full)
     with pytest.raises(SpQRError, match="cannot reserve .*No space left on device.*--offload-dir"):
-        driver.place_activations(torch.Size((2, 8, 16)), torch.float32, torch.device("cpu"), "disk", 0.0,
-                                 tmp_path / "spill")
+        driver.place_activations(torch.Size((2, 8, 16)), torch.float32, torch.device("cpu"), "disk",
+                                 offload_dir=tmp_path / "spill")
     assert list((tmp_path / "spill").iterdir()) == []
 
 

@@ -14,6 +14,7 @@ as its block is done, and nothing but one block is ever held for the output eith
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -229,39 +230,51 @@ _LIBC: Any = None
 
 
 def available_host_bytes() -> int | None:
-    """Host memory the kernel could hand out now without swapping (``MemAvailable``), or ``None`` where unknown."""
+    """Host memory this process could take now without swapping: the kernel's ``MemAvailable``, or less where a
+    cgroup (v2: a container's memory limit) leaves less; ``None`` where unknown."""
     try:
         with open("/proc/meminfo") as f:
-            kb = next(int(line.split()[1]) for line in f if line.startswith("MemAvailable:"))
+            avail = next(int(line.split()[1]) for line in f if line.startswith("MemAvailable:")) * 1024
     except (OSError, ValueError, IndexError, StopIteration):
         return None
-    return kb * 1024
+    try:
+        with open("/sys/fs/cgroup/memory.max") as f:
+            limit = f.read().strip()
+        with open("/sys/fs/cgroup/memory.current") as f:
+            used = int(f.read().strip())
+        if limit != "max":
+            avail = min(avail, max(int(limit) - used, 0))
+    except (OSError, ValueError):
+        pass  # no cgroup v2 memory controller here
+    return avail
 
 
 def disk_empty(shape: torch.Size, dtype: torch.dtype, directory: str | Path) -> torch.Tensor:
     """An uninitialized tensor backed by a file in ``directory`` (shared memory map): the kernel keeps the pages
     it can in RAM and writes the rest back to the file, so a buffer larger than host memory still works.
 
-    The file's blocks are reserved up front (a full disk is an error here, not a SIGBUS on some later write), and
-    the file is unlinked as soon as it is mapped: its space returns to the disk when the tensor dies or the
-    process ends, killed or not, and nothing is left behind.
+    The file is unlinked as soon as it exists: its space returns to the disk when the tensor dies or the process
+    ends, killed or not, and nothing is left behind. Its blocks are reserved up front, so a full disk is an error
+    here rather than a SIGBUS on a later write (on a copy-on-write filesystem such as btrfs or ZFS rewrites need
+    new blocks, and that guarantee does not hold: put --offload-dir elsewhere there).
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    nbytes = math.prod(shape) * dtype.itemsize
+    numel = math.prod(shape)
+    nbytes = numel * dtype.itemsize
     fd, name = tempfile.mkstemp(prefix="spqr-activations-", suffix=".bin", dir=directory)
     try:
-        try:
-            if nbytes:
-                os.posix_fallocate(fd, 0, nbytes)
-        except OSError as e:
-            raise SpQRError(f"cannot reserve {nbytes / 2**30:.2f} GB for the calibration activations in "
-                            f"{directory} ({e.strerror}); free space there or choose --offload-dir") from None
-        finally:
-            os.close(fd)
-        return torch.from_file(name, shared=True, size=math.prod(shape), dtype=dtype).view(shape)
-    finally:
         os.unlink(name)
+        if nbytes:
+            try:
+                os.posix_fallocate(fd, 0, nbytes)
+            except OSError as e:
+                hint = "free space there or choose" if e.errno == errno.ENOSPC else "choose another directory with"
+                raise SpQRError(f"cannot reserve {nbytes / 2**30:.2f} GB for the calibration activations in "
+                                f"{directory} ({e.strerror}); {hint} --offload-dir") from None
+        return torch.from_file(f"/proc/self/fd/{fd}", shared=True, size=numel, dtype=dtype).view(shape)
+    finally:
+        os.close(fd)  # the mapping keeps the file
 
 
 PIN_REGISTER_MIN = 64 * 2**20  # smaller buffers take torch's pinned allocator (its rounding wastes < 64 MB)

@@ -260,7 +260,7 @@ def _block_inputs(model: nn.Module, adapter: FamilyAdapter, input_ids: torch.Ten
     """Inputs of block 0 for every calibration sample and the block's extra kwargs.
 
     ``allocate(shape, dtype)`` makes the buffer they are written into, one sample at a time as the embeddings
-    produce them (``place_activations``: on the GPU or in pinned host memory), so the host never holds them twice;
+    produce them (``place_activations``: on the GPU, in host memory or on disk), so the host never holds them twice;
     default: host memory."""
     blocks = adapter.get_blocks(model)
     first = blocks[0]
@@ -325,31 +325,39 @@ def _run_block(block: nn.Module, inps: torch.Tensor, kwargs: dict[str, Any], dev
 ACTIVATION_PLACES = ("auto", "device", "host", "disk")
 
 
+def check_activations(where: str, device: torch.device) -> None:
+    """A one-line error for an ``activations`` choice this run cannot take (before any work)."""
+    if where not in ACTIVATION_PLACES:
+        raise SpQRError(f"activations must be one of {', '.join(ACTIVATION_PLACES)}, got {where!r}")
+    if where == "device" and device.type != "cuda":
+        raise SpQRError("--activations device needs a GPU run (--device cuda); a CPU run keeps them in host memory "
+                        "or on disk (--activations host / disk)")
+
+
 def place_activations(shape: torch.Size, dtype: torch.dtype, device: torch.device, where: str = "auto",
-                      stored: float = 0.0, offload_dir: str | Path | None = None) -> tuple[torch.Tensor, str, str]:
+                      offload_dir: str | Path | None = None, copies: int = 1, stored: float = 0.0,
+                      processes: int = 1) -> tuple[torch.Tensor, str, str]:
     """An empty buffer for the calibration activations where they live between blocks, that place ("device",
     "host" or "disk") and a line saying where and why.
 
-    "auto": on a GPU run they stay on the GPU when they (plus ``stored`` times their size: the layer inputs a rank
-    keeps for its Hessians, ``_stored_inputs``, and the other streams' buffers) fit in half of its free memory, so
-    no block copies them across PCIe; otherwise in host memory (pinned on a GPU run: the per-batch copies run at
-    full bus speed; pageable if pinning fails) when they fit in half of the memory available there; otherwise on
+    "auto" counts ``copies`` buffers of this size (the run's other streams go where this one goes): on a GPU run
+    they stay on the GPU when they, plus ``stored`` times their size (the layer inputs a rank keeps there for its
+    Hessians, ``_stored_inputs``), fit in half of its free memory, so no block copies them across PCIe; otherwise
+    in host memory (pinned on a GPU run: the per-batch copies run at full bus speed; pageable if pinning fails)
+    when the ``processes`` of this host (ranks) together fit in half of the memory available to them; otherwise on
     disk, in a file under ``offload_dir`` that the kernel pages (``disk_empty``). "device", "host" and "disk" force
     one. The values are the same wherever they live.
     """
-    if where not in ACTIVATION_PLACES:
-        raise SpQRError(f"activations must be one of {', '.join(ACTIVATION_PLACES)}, got {where!r}")
+    check_activations(where, device)
     cuda = device.type == "cuda"
-    if where == "device" and not cuda:
-        raise SpQRError("--activations device needs a GPU run (--device cuda); a CPU run keeps them in host memory "
-                        "or on disk (--activations host / disk)")
     nbytes = shape.numel() * dtype.itemsize
-    need = (1 + stored) * nbytes
     size = f"{nbytes / 2**30:.2f} GB"
-    if where == "device" or where == "auto" and cuda and need <= torch.cuda.mem_get_info(device)[0] // 2:
+    if where == "device" or where == "auto" and cuda and (copies + stored) * nbytes <= torch.cuda.mem_get_info(
+            device)[0] // 2:
         return torch.empty(shape, dtype=dtype, device=device), "device", f"activations ({size}) on the GPU"
     why = f"--activations {where}" if where != "auto" else "too large for the GPU" if cuda else ""
-    if where == "auto" and (avail := available_host_bytes()) is not None and need > avail // 2:
+    avail = available_host_bytes() if where == "auto" else None
+    if avail is not None and copies * processes * nbytes > avail // 2:
         where = "disk"
         why = f"too large for {'the GPU and ' if cuda else ''}host memory ({avail / 2**30:.1f} GB available)"
     if where == "disk":
@@ -493,6 +501,7 @@ def quantize_model(
     ranks = current_ranks()
     check_ranks(cfg, ranks.world)
     dev = resolve_device(device)
+    check_activations(activations, dev)
     compute_dtype = torch.float16 if dev.type == "cuda" else torch.float32
     if calib_ids.dim() != 2 or calib_ids.dtype not in (torch.int64, torch.int32):
         raise SpQRError("calibration ids must be an integer [nsamples, seqlen] tensor; use `spqr calibrate`")
@@ -554,12 +563,13 @@ def quantize_model(
     # buffer's place (``activations``: "auto" decides there, counting them all) is every buffer's place.
     beside = [what for what, on in (("the fp16 model's activations", cfg.asym_calib),
                                     ("the fine-tune's targets", cfg.tune_steps)) if on]
-    extra = _stored_inputs(model, adapter, ranks) + len(beside)
+    stored = _stored_inputs(model, adapter, ranks)
     place, placed = activations, ""
 
     def allocate(shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
         nonlocal place, placed
-        buffer, where, line = place_activations(shape, dtype, dev, place, extra, offload_dir or out)
+        buffer, where, line = place_activations(shape, dtype, dev, place, offload_dir or out, 1 + len(beside),
+                                                stored, ranks.world)
         place, placed = where, placed or line
         return buffer
 
