@@ -704,7 +704,9 @@ def _eval_tasks(model: str, tasks: str, baseline: str | None, include_path: list
 def eval_(
     model: Annotated[str, typer.Argument(help="Model directory, hub id, `spqr quantize` output directory (its dense/ "
                                          "checkpoint) or `spqr pack` directory.")],
-    dataset: Annotated[str, typer.Option("--dataset", "-d", help=DatasetHelp)] = "wikitext2",
+    datasets: Annotated[list[str] | None, typer.Option(
+        "--dataset", "-d", help=f"{DatasetHelp} Repeat it for several texts: the model loads once, one row each. "
+        "Default: wikitext2.", show_default=False)] = None,
     data_dir: DataDirOpt = None,
     seqlen: Annotated[int | None, typer.Option(
         "--seqlen", "-l", min=2, help="Window length in tokens. Default: 2048 capped by the model's context.",
@@ -767,28 +769,31 @@ def eval_(
             one = len(task_only) == 1
             raise SpQRError(f"{', '.join(task_only)} {'applies' if one else 'apply'} to lm-eval tasks: use "
                             f"{'it' if one else 'them'} with --tasks")
-        check_dataset_arg(dataset, data_dir)
+        datasets = datasets or ["wikitext2"]
+        for dataset in datasets:  # every text checked before the model loads
+            check_dataset_arg(dataset, data_dir)
         check_output_file(json_path, "--json")
         from spqr_cli.core.data import settle_hub_mode
 
         settle_hub_mode(model)
         from rich.table import Table
 
-        from spqr_cli.core.evaluate import evaluate_path
+        from spqr_cli.core.evaluate import evaluate_datasets
 
-        result = evaluate_path(model, dataset, dtype=dtype.value, device=device.value, seqlen=seqlen,
-                               max_windows=max_windows, batch_size=batch_size, data_dir=data_dir, progress=True,
-                               verify=verify, max_gpu_memory=max_gpu_memory, max_cpu_memory=max_cpu_memory,
-                               offload_dir=offload_dir)
+        results = evaluate_datasets(model, datasets, dtype=dtype.value, device=device.value, seqlen=seqlen,
+                                    max_windows=max_windows, batch_size=batch_size, data_dir=data_dir,
+                                    progress=True, verify=verify, max_gpu_memory=max_gpu_memory,
+                                    max_cpu_memory=max_cpu_memory, offload_dir=offload_dir)
         table = Table(title=f"perplexity of {model}")
         for col in ("dataset", "windows x seqlen", "dtype", "device", "time", "perplexity"):
             table.add_column(col, justify="right" if col in ("perplexity", "time") else "left", overflow="fold")
-        table.add_row(dataset, f"{result.windows} x {result.seqlen}", dtype.value, result.device,
-                      f"{result.seconds:.1f}s", f"[bold]{result.perplexity:.3f}[/]")
+        for dataset, result in zip(datasets, results, strict=True):
+            table.add_row(dataset, f"{result.windows} x {result.seqlen}", dtype.value, result.device,
+                          f"{result.seconds:.1f}s", f"[bold]{result.perplexity:.3f}[/]")
         console().print(table)
-        if json_path is not None:
-            write_output_json({"model": model, "requested_dtype": dtype.value, **result.to_dict()}, json_path,
-                              "--json")
+        if json_path is not None:  # one text: its result's fields at the top level; several: a list of them
+            body = results[0].to_dict() if len(results) == 1 else {"results": [r.to_dict() for r in results]}
+            write_output_json({"model": model, "requested_dtype": dtype.value, **body}, json_path, "--json")
             typer.echo(f"wrote {json_path}")
 
 

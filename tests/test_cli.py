@@ -34,6 +34,31 @@ def test_eval_small(tmp_path, demo_model_path):
     assert f"{data['perplexity']:.3f}" in result.output
 
 
+def test_eval_several_texts_loads_once_and_matches_one_at_a_time(tmp_path, demo_model_path, monkeypatch):
+    """Repeated --dataset: one row and one JSON result per text, in order, each equal to its own single run; the
+    model loads once; a missing second text stops the command before anything loads."""
+    import spqr_cli.runtime.loader as loader
+
+    loads = []
+    real = loader.load_any_model
+    monkeypatch.setattr(loader, "load_any_model", lambda *a, **k: loads.append(a[0]) or real(*a, **k))
+    common = [str(demo_model_path), "--seqlen", "128", "--max-windows", "2", "--device", "cpu"]
+    out = tmp_path / "both.json"
+    both = runner.invoke(app, ["eval", *common, "-d", f"file:{DEMO_TEST}", "-d", f"file:{DEMO_CALIB}",
+                               "--json", str(out)])
+    assert both.exit_code == 0, both.output
+    assert len(loads) == 1
+    results = json.loads(out.read_text())["results"]
+    assert [r["dataset"] for r in results] == [f"file:{DEMO_TEST}", f"file:{DEMO_CALIB}"]
+    for text, r in zip((DEMO_TEST, DEMO_CALIB), results, strict=True):
+        one = tmp_path / "one.json"
+        assert runner.invoke(app, ["eval", *common, "-d", f"file:{text}", "--json", str(one)]).exit_code == 0
+        assert json.loads(one.read_text())["perplexity"] == r["perplexity"]
+        assert f"{r['perplexity']:.3f}" in both.output
+    bad = runner.invoke(app, ["eval", *common, "-d", f"file:{DEMO_TEST}", "-d", f"file:{tmp_path / 'no.txt'}"])
+    assert bad.exit_code != 0 and "not found" in bad.output and len(loads) == 3
+
+
 def test_calibrate(tmp_path, demo_model_path):
     out = tmp_path / "c.safetensors"
     args = ["calibrate", str(demo_model_path), "--dataset", f"file:{DEMO_CALIB}", "--nsamples", "4",

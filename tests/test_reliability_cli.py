@@ -107,7 +107,7 @@ def test_hub_id_still_goes_to_the_hub(cmd, monkeypatch):
         raise SpQRError(f"reached the loader with {path}")
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # settle_hub_mode leaves the environment alone
-    monkeypatch.setattr(evaluate, "evaluate_path", reached)
+    monkeypatch.setattr(evaluate, "evaluate_datasets", reached)
     monkeypatch.setattr(generation, "load_for_generation", reached)
     extra = ["--prompt", "hi"] if cmd == "run" else []
     result = runner.invoke(app, [cmd, "meta-llama/Llama-2-7b-hf", "--device", "cpu", *extra])

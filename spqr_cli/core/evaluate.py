@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -107,19 +108,25 @@ def evaluate_perplexity(model: nn.Module, tokenizer: Any, dataset: str, seqlen: 
         device=placement(model))
 
 
-def evaluate_path(path: str, dataset: str, dtype: str = "fp16", device: str = "auto", seqlen: int | None = None,
-                  max_windows: int | None = None, batch_size: int = 1, data_dir: str | os.PathLike | None = None,
-                  progress: bool = False, verify: bool = True, max_gpu_memory: str | int | None = None,
-                  max_cpu_memory: str | int | None = None,
-                  offload_dir: str | os.PathLike | None = None) -> PerplexityResult:
-    """Load the model at ``path`` (see ``load_any_model``) and measure its perplexity (checks --seqlen before
-    loading the weights). ``max_gpu_memory`` / ``max_cpu_memory`` / ``offload_dir``: a model larger than the GPU
-    or the host, placed by accelerate (``load_any_model``); the perplexity is the plain load's."""
+def evaluate_path(path: str, dataset: str, **kwargs: Any) -> PerplexityResult:
+    """``evaluate_datasets`` on one dataset (same keyword arguments)."""
+    return evaluate_datasets(path, [dataset], **kwargs)[0]
+
+
+def evaluate_datasets(path: str, datasets: Sequence[str], dtype: str = "fp16", device: str = "auto",
+                      seqlen: int | None = None, max_windows: int | None = None, batch_size: int = 1,
+                      data_dir: str | os.PathLike | None = None, progress: bool = False, verify: bool = True,
+                      max_gpu_memory: str | int | None = None, max_cpu_memory: str | int | None = None,
+                      offload_dir: str | os.PathLike | None = None) -> list[PerplexityResult]:
+    """Load the model at ``path`` once (see ``load_any_model``) and measure its perplexity on each dataset, in
+    order (checks --seqlen before loading the weights). ``max_gpu_memory`` / ``max_cpu_memory`` / ``offload_dir``:
+    a model larger than the GPU or the host, placed by accelerate (``load_any_model``); the perplexity is the plain
+    load's."""
     from spqr_cli.runtime.loader import load_any_model, model_kind
 
     if seqlen is not None:
         default_seqlen(load_config(model_kind(path)[1]), seqlen)
     model, tokenizer = load_any_model(path, dtype, device, verify=verify, max_gpu_memory=max_gpu_memory,
                                       max_cpu_memory=max_cpu_memory, offload_dir=offload_dir)
-    return evaluate_perplexity(model, tokenizer, dataset, seqlen=seqlen, max_windows=max_windows,
-                               batch_size=batch_size, data_dir=data_dir, progress=progress)
+    return [evaluate_perplexity(model, tokenizer, dataset, seqlen=seqlen, max_windows=max_windows,
+                                batch_size=batch_size, data_dir=data_dir, progress=progress) for dataset in datasets]
