@@ -458,15 +458,17 @@ def test_activations_on_disk_give_the_same_records_and_leave_nothing(tmp_path: P
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_gpu_activation_placement_does_not_change_the_records(tmp_path: Path, monkeypatch) -> None:
-    """Activations on the GPU or in pinned host memory (too large for the GPU: a GPU with 64 KB free) give the
-    same records, and the report says where they were."""
+    """Activations on the GPU, in pinned host memory (also when too large for the GPU: a GPU with 64 KB free) or
+    on disk give the same records, and the report says where they were."""
     cfg, calib = load_preset("spqr-3.9bit"), _calib()
     reports = {}
-    for where in ("device", "host"):
+    for where in ("device", "host", "disk"):
         reports[where] = driver.quantize_model(str(DOCS_3M), cfg, tmp_path / where, calib, device="cuda",
                                                activations=where, dense=False)
     assert "on the GPU" in reports["device"].activations and "pinned" in reports["host"].activations
+    assert "on disk" in reports["disk"].activations
     assert_same(streamed_records(tmp_path / "device"), streamed_records(tmp_path / "host"))
+    assert_same(streamed_records(tmp_path / "device"), streamed_records(tmp_path / "disk"))
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (2**16, 2**30))
     placed, _, line = driver.place_activations(torch.Size((4, 64, 256)), torch.float16, torch.device("cuda"))
     assert placed.is_pinned() and "pinned host memory (too large for the GPU)" in line
