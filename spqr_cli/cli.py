@@ -705,8 +705,8 @@ def eval_(
     model: Annotated[str, typer.Argument(help="Model directory, hub id, `spqr quantize` output directory (its dense/ "
                                          "checkpoint) or `spqr pack` directory.")],
     datasets: Annotated[list[str] | None, typer.Option(
-        "--dataset", "-d", help=f"{DatasetHelp} Repeat it for several texts: the model loads once, one row each. "
-        "Default: wikitext2.", show_default=False)] = None,
+        "--dataset", "-d", metavar="<str>", help=f"{DatasetHelp} Repeat it for several texts: the model loads once, "
+        "one row each. Default: wikitext2.", show_default=False)] = None,
     data_dir: DataDirOpt = None,
     seqlen: Annotated[int | None, typer.Option(
         "--seqlen", "-l", min=2, help="Window length in tokens. Default: 2048 capped by the model's context.",
