@@ -93,6 +93,25 @@ def kill_quantize_at(monkeypatch):
     return arm
 
 
+@pytest.fixture
+def resume_after_kill(kill_quantize_at):
+    """``resume_after_kill(run)``: ``run()`` (a quantization of a model with 7 linears per block) killed in the
+    middle of block 2, ``after_kill()`` called, then ``run()`` again; returns the second run's report, which must
+    have resumed at block 2."""
+
+    def go(run, after_kill=lambda: None):
+        kill_quantize_at(2 * 7 + 3)
+        with pytest.raises(KeyboardInterrupt):
+            run()
+        after_kill()
+        kill_quantize_at(None)
+        report = run()
+        assert report.resumed_from_block == 2
+        return report
+
+    return go
+
+
 @pytest.fixture(scope="session")
 def quantized_demo(tmp_path_factory, demo_model_path):
     """The embedded demo model quantized (spqr-3.9bit, 4 x 64 calibration tokens, CPU) and packed, once per

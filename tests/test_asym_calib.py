@@ -106,17 +106,12 @@ def test_asym_run_on_gpu_differs_where_activations_differ(tmp_path: Path) -> Non
     _plain_and_asym(tmp_path, "cuda")
 
 
-def test_asym_run_differs_where_activations_differ_and_resumes_exactly(tmp_path: Path, kill_quantize_at) -> None:
+def test_asym_run_differs_where_activations_differ_and_resumes_exactly(tmp_path: Path, resume_after_kill) -> None:
     b = _plain_and_asym(tmp_path, "cpu")
     on, calib = CFG.replace(asym_calib=True), CALIB
 
     out = tmp_path / "resumed"
-    kill_quantize_at(2 * 7 + 3)  # in the middle of block 2
-    with pytest.raises(KeyboardInterrupt):
-        driver.quantize_model(str(MODEL), on, out, calib, device="cpu", dense=False)
-    kill_quantize_at(None)
-    resumed = driver.quantize_model(str(MODEL), on, out, calib, device="cpu", dense=False)
-    assert resumed.resumed_from_block == 2
+    resume_after_kill(lambda: driver.quantize_model(str(MODEL), on, out, calib, device="cpu", dense=False))
     c = _records(out)
     assert c.keys() == b.keys()
     assert all(torch.equal(b[n][k], c[n][k]) for n in b for k in b[n])

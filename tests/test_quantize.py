@@ -58,16 +58,15 @@ def test_outputs_and_dense_checkpoint(spqr_run: tuple[Path, qmod.QuantReport]) -
 
 
 def test_resume_is_bit_identical(spqr_run: tuple[Path, qmod.QuantReport], tmp_path: Path,
-                                 kill_quantize_at) -> None:
+                                 resume_after_kill) -> None:
     out_full, _ = spqr_run
     out = tmp_path / "run"
-    kill_quantize_at(2 * 7 + 3)  # in the middle of block 2
-    with pytest.raises(KeyboardInterrupt):
-        qmod.quantize_model(str(MODEL), load_preset("spqr-3.9bit"), out, _calib(), device="cpu")
-    assert json.loads((out / "quant_config.json").read_text())["completed_blocks"] == 2
-    kill_quantize_at(None)
-    report = qmod.quantize_model(str(MODEL), load_preset("spqr-3.9bit"), out, _calib(), device="cpu")
-    assert report.resumed_from_block == 2
+
+    def killed() -> None:
+        assert json.loads((out / "quant_config.json").read_text())["completed_blocks"] == 2
+
+    report = resume_after_kill(
+        lambda: qmod.quantize_model(str(MODEL), load_preset("spqr-3.9bit"), out, _calib(), device="cpu"), killed)
     a, b = _all_tensors(out_full), _all_tensors(out)
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)

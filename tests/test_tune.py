@@ -106,7 +106,7 @@ def test_tune_that_does_not_help_changes_nothing() -> None:
 
 
 @pytest.mark.skipif(not MODEL.is_dir(), reason="../shared/models/docs-llama-3m not available")
-def test_tuned_run_reports_and_resumes_exactly(tmp_path: Path, kill_quantize_at) -> None:
+def test_tuned_run_reports_and_resumes_exactly(tmp_path: Path, resume_after_kill) -> None:
     cfg = load_preset("spqr-3.9bit").replace(tune_steps=4)
     calib = torch.randint(3, 8000, (8, 32), generator=torch.Generator().manual_seed(0))
     full = tmp_path / "full"
@@ -115,12 +115,7 @@ def test_tuned_run_reports_and_resumes_exactly(tmp_path: Path, kill_quantize_at)
     saved = json.loads((full / "report.json").read_text())
     assert saved["config"]["tune_steps"] == 4 and len(saved["tuning"]) == 4
     out = tmp_path / "resumed"
-    kill_quantize_at(2 * 7 + 3)  # in the middle of block 2
-    with pytest.raises(KeyboardInterrupt):
-        driver.quantize_model(str(MODEL), cfg, out, calib, device="cpu", dense=False)
-    kill_quantize_at(None)
-    resumed = driver.quantize_model(str(MODEL), cfg, out, calib, device="cpu", dense=False)
-    assert resumed.resumed_from_block == 2
+    resumed = resume_after_kill(lambda: driver.quantize_model(str(MODEL), cfg, out, calib, device="cpu", dense=False))
     # every block's result, the replayed ones read back: equal to the uninterrupted run's (CPU: deterministic)
     assert [t.to_dict() for t in resumed.tuning] == [t.to_dict() for t in report.tuning]
     for f in sorted((full / "records").glob("*.safetensors")):  # trained norms included
